@@ -1,0 +1,45 @@
+"""A tiny word-level tokenizer for random tiny backbones (tests, the embedded default).
+
+Real checkpoints bring their own tokenizer from the local checkpoint directory; tiny configs
+have no pretrained vocabulary, so they use this one. It covers the caption prompts and the
+synthetic shapes world; any other word maps to ``<unk>`` (never an error).
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+WORDS = """
+a an the this that there is are of in on at with and to image picture photo shows showing
+please describe detail detailed caption what generate draw one two three four five zero
+object objects shape shapes small large big
+circle square triangle star cross diamond heart hexagon ring rectangle ellipse pentagon
+red green blue yellow purple orange cyan magenta white black gray grey pink brown
+top bottom left right center centre middle upper lower corner row column
+. , : ; ? ! - ' "
+""".split()
+
+
+def build_word_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer; ids: specials, then ``extra_tokens``, then ``WORDS``."""
+    vocab: dict[str, int] = {}
+    for token in SPECIAL_TOKENS + list(extra_tokens or []) + WORDS:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    if extra_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
+    return tokenizer
