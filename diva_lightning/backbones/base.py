@@ -75,7 +75,9 @@ def supervised_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over real slots. logits (B, S, V), targets (B, S)."""
     if not (targets != IGNORE_INDEX).any():
         return logits.sum() * 0.0  # keep the graph; no supervised slot in this batch
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def gather_slots(values: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
@@ -234,7 +236,10 @@ class BackboneAdapter(nn.Module, abc.ABC):
     # ---- flows ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def build_understanding(
-        self, prompts: Sequence[str], captions: Sequence[str], codes: Tensor | None = None,
+        self,
+        prompts: Sequence[str],
+        captions: Sequence[str],
+        codes: Tensor | None = None,
         pixels: Tensor | None = None,
     ) -> FlowBatch:
         """Image + prompt -> caption. Labels only on caption tokens (and the end-of-text token)."""

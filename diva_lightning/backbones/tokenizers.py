@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
-WORDS = """
+_WORD_TEXT = """
 a an the this that there is are of in on at with and to image picture photo shows showing
 please describe detail detailed caption what generate draw one two three four five zero
 object objects shape shapes small large big
@@ -20,7 +20,8 @@ circle square triangle star cross diamond heart hexagon ring rectangle ellipse p
 red green blue yellow purple orange cyan magenta white black gray grey pink brown
 top bottom left right center centre middle upper lower corner row column
 . , : ; ? ! - ' "
-""".split()
+"""
+WORDS = _WORD_TEXT.split()
 
 
 def build_word_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTokenizerFast:
