@@ -135,7 +135,7 @@ class FactorEncoders(nn.Module):
         mlp_hidden: int | None = None,
     ):
         super().__init__()
-        self.hidden_size, self.arch = hidden_size, arch
+        self.hidden_size, self.arch, self.mlp_hidden = hidden_size, arch, mlp_hidden
         self.shared_dim, self.unique_dim = shared_dim, unique_dim or shared_dim
         dims = {"shared": self.shared_dim, "unique": self.unique_dim}
         self.encoders = nn.ModuleDict(
