@@ -1,11 +1,73 @@
-"""``diva-cli`` entry point. Subcommands are added as the stages land (see README)."""
+"""``diva-cli``: LightningCLI for the stages, plus tools that need no Trainer.
+
+    diva-cli fit --config configs/stage2.yaml          # any Trainer subcommand: fit, validate, ...
+    diva-cli prepare --help                            # image folder or synthetic world -> shards
+    diva-cli export --config RUN.yaml --checkpoint X.ckpt --out DIR
+
+Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
+``model.init_args.backbone:``); the data module likewise (``data:``).
+"""
 
 from __future__ import annotations
 
 import sys
 
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from diva_lightning.stages.base import DualFlowModule
+
+TOOLS = ("prepare", "export")
+
+
+class DivaCLI(LightningCLI):
+    """LightningCLI with the stages as subclasses of ``DualFlowModule``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "diva", "default_hp_metric": False},
+                }
+            }
+        )
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> DivaCLI:
+    """Build (and by default run) the Lightning CLI; ``args`` as on the command line."""
+    return DivaCLI(
+        DualFlowModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def _run_tool(name: str, args: list[str]) -> None:
+    from jsonargparse import auto_cli
+
+    if name == "prepare":
+        from diva_lightning.data.prepare import prepare
+
+        auto_cli(prepare, args=args)
+    elif name == "export":
+        from diva_lightning.export import export
+
+        auto_cli(export, args=args)
+
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
-    print("diva-cli: no subcommands yet", file=sys.stderr)
-    raise SystemExit(2)
+    args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] in TOOLS:
+        _run_tool(args[0], args[1:])
+        return
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""``diva-cli export``: write a post-trained backbone with ``save_pretrained``.
+
+Rebuilds the run's model from its config (the ``config.yaml`` LightningCLI saves next to the
+logs), loads a checkpoint (with its EMA weights by default) and writes the backbone so it can be
+evaluated with the usual tools; a stage-1 checkpoint also writes its factor encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
+    """The EMA callback's weights stored in a Lightning checkpoint, if any (single shard)."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("EMA") and isinstance(state, dict) and "per_rank" in state:
+            if len(state["per_rank"]) != 1:
+                raise ValueError("EMA of a ZeRO-3 run is sharded: consolidate the checkpoint first")
+            return state["per_rank"][0]
+    return None
+
+
+def export(config: Path, checkpoint: Path, out: Path, use_ema: bool = True) -> Path:
+    """Export a trained backbone.
+
+    Args:
+        config: the run's config YAML (``runs/.../config.yaml``).
+        checkpoint: a Lightning ``.ckpt`` of that run (single file; for a DeepSpeed directory run
+            ``convert_zero_checkpoint_to_fp32_state_dict`` first).
+        out: directory to write (``save_pretrained`` of the backbone).
+        use_ema: load the EMA weights stored in the checkpoint when there are any.
+    """
+    from diva_lightning.cli import build_cli
+    from diva_lightning.objectives.checkpoint import save_factor_encoders
+
+    cli = build_cli(["--config", str(config)], run=False)
+    model = cli.model
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt)
+    if use_ema and (ema := ema_weights(ckpt)) is not None:
+        state = {**state, **{k: v.to(state[k].dtype) for k, v in ema.items() if k in state}}
+        print(f"using EMA weights for {len(ema)} tensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k.startswith("backbone.")]:
+        raise ValueError(
+            f"checkpoint does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    out = Path(out)
+    model.backbone.save_pretrained(out)
+    if "diva_factor_config" in ckpt:
+        save_factor_encoders(
+            out / "factor_encoders", model.encoders, ckpt["diva_factor_config"], model.injection
+        )
+    print(f"backbone written to {out}")
+    return out

@@ -1,0 +1,177 @@
+"""Shared Lightning glue of the stages: both flows from one batch, optimisation, guards, logging.
+
+A stage receives a backbone adapter by injection (``class_path`` in YAML), builds the
+understanding and generation flows of the same image-text pairs (paper Sec. 3.1) and runs them;
+the subclass says what is trainable and what the loss is. Subclasses: ``Stage1``, ``Stage2``,
+``SFT`` (one level of subclassing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from diva_lightning.backbones.base import BackboneAdapter, FlowOutput
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when too many steps produced a non-finite loss."""
+
+
+class DualFlowModule(L.LightningModule):
+    """Base of all stages. Not used directly.
+
+    Args:
+        backbone: the UMM adapter (e.g. ``diva_lightning.backbones.emu3.Emu3Adapter``).
+        middle_layers: inclusive 1-based block range ``I_mid`` whose image-token states are
+            factorised (paper default 8..18).
+        lr: AdamW learning rate of the main parameter group.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up of the cosine schedule, in optimizer steps.
+        lambda_und: weight of the understanding (captioning) loss.
+        lambda_gen: weight of the generation (inpainting) loss.
+        max_nonfinite_steps: stop the run with an error after this many non-finite losses.
+        activation_checkpointing: recompute backbone activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneAdapter,
+        middle_layers: tuple[int, int] = (8, 18),
+        lr: float = 2e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 200,
+        lambda_und: float = 1.0,
+        lambda_gen: float = 1.0,
+        max_nonfinite_steps: int = 10,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        start, end = middle_layers
+        if not 1 <= start <= end <= backbone.num_layers:
+            raise ValueError(
+                f"middle_layers {start}..{end} is outside the backbone's blocks "
+                f"1..{backbone.num_layers} ({type(backbone).__name__})"
+            )
+        self.backbone = backbone
+        self.layers = list(range(start, end + 1))
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.lambda_und, self.lambda_gen = lambda_und, lambda_gen
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.activation_checkpointing = activation_checkpointing
+        self.nonfinite_steps = 0
+        self._last_batch_end: float | None = None
+
+    # ---- flows ---------------------------------------------------------------------------------
+    def image_codes(self, batch) -> Tensor:
+        """Pre-tokenised codes when the shards carry them, else the frozen VQ on the pixels."""
+        if batch.codes is not None:
+            self.backbone.check_codes(batch.codes)
+            return batch.codes
+        return self.backbone.tokenize_images(batch.pixels)
+
+    def run_flows(
+        self, batch, layers: Sequence[int], pool: bool = True
+    ) -> tuple[FlowOutput, FlowOutput]:
+        """Both flows of the same samples -> (understanding output, generation output)."""
+        codes = self.image_codes(batch)  # (B, N)
+        pixels = batch.pixels if self.backbone.needs_pixels_for_understanding else None
+        flow_u = self.backbone.build_understanding(
+            batch.prompts, batch.captions, codes=codes, pixels=pixels
+        )
+        flow_g = self.backbone.build_generation(batch.captions, codes, batch.gen_mask)
+        out_u = self.backbone.forward_flow(flow_u.to(self.device), "U", layers, pool=pool)
+        out_g = self.backbone.forward_flow(flow_g.to(self.device), "G", layers, pool=pool)
+        self._tokens_in_batch = int(flow_u.attention_mask.sum() + flow_g.attention_mask.sum())
+        return out_u, out_g
+
+    def native_loss(self, out_u: FlowOutput, out_g: FlowOutput) -> Tensor:
+        return self.lambda_und * out_u.loss + self.lambda_gen * out_g.loss
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and hasattr(datamodule, "bind_backbone"):
+            datamodule.bind_backbone(self.backbone)
+        if self.activation_checkpointing:
+            self.backbone.set_activation_checkpointing(True)
+        self.configure_trainable()
+
+    def configure_trainable(self) -> None:
+        """Set ``requires_grad`` for this stage (subclass hook)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups (subclass hook). Default: every trainable parameter."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        groups = [g for g in self.param_groups() if g["params"]]
+        if not groups:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters")
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(self.warmup_steps, total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- guards and logging --------------------------------------------------------------------
+    def guard_nonfinite(self, loss: Tensor) -> Tensor:
+        """Replace a non-finite loss (on any rank) by a zero-gradient loss, count it, and stop
+        with a clear error after ``max_nonfinite_steps``. Parameters get a zero gradient that
+        step; the optimizer still runs so every rank stays in step."""
+        bad = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad)
+        if bad.item() == 0:
+            return loss
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), sync_dist=False)
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_steps} steps had a non-finite loss (limit max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}); last at global step {self.global_step}. "
+                "Lower the learning rate or check the data."
+            )
+        zero = sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return zero * 0.0
+
+    def log_terms(self, prefix: str, terms: dict[str, Tensor | float], batch_size: int) -> None:
+        for name, value in terms.items():
+            value = value.detach() if isinstance(value, Tensor) else value
+            self.log(f"{prefix}/{name}", value, batch_size=batch_size, sync_dist=prefix == "val")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            elapsed = max(now - self._last_batch_end, 1e-9)
+            self.log("train/samples_per_s", len(batch.keys) / elapsed)
+            self.log("train/tokens_per_s", getattr(self, "_tokens_in_batch", 0) / elapsed)
+        self._last_batch_end = now
+        skips = getattr(batch, "skips", None)
+        if skips:
+            for reason, count in skips.items():
+                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        out_u, out_g = self.run_flows(batch, self.layers)
+        self.log_terms("val", {"loss_und": out_u.loss, "loss_gen": out_g.loss}, len(batch.keys))

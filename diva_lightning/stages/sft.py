@@ -1,0 +1,54 @@
+"""Base+SFT baseline of the paper (Table 2): same data, same trainable layers, native losses only."""
+
+from __future__ import annotations
+
+from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.stages.base import DualFlowModule
+
+
+class SFT(DualFlowModule):
+    """Supervised fine-tuning on both flows: ``L = lambda_und L_Und + lambda_gen L_Gen``.
+
+    Args:
+        trainable_layers: inclusive block range to fine-tune (default: ``middle_layers``).
+        Other arguments: see ``DualFlowModule``.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneAdapter,
+        middle_layers: tuple[int, int] = (8, 18),
+        trainable_layers: tuple[int, int] | None = None,
+        lr: float = 3e-5,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 800,
+        lambda_und: float = 1.0,
+        lambda_gen: float = 1.0,
+        max_nonfinite_steps: int = 10,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__(
+            backbone,
+            middle_layers,
+            lr,
+            weight_decay,
+            warmup_steps,
+            lambda_und,
+            lambda_gen,
+            max_nonfinite_steps,
+            activation_checkpointing,
+        )
+        self.save_hyperparameters(ignore=["backbone"])
+        self.trainable_range = tuple(trainable_layers or middle_layers)
+        backbone.unfreeze_layers(*self.trainable_range)
+
+    def configure_trainable(self) -> None:
+        self.backbone.unfreeze_layers(*self.trainable_range)
+
+    def training_step(self, batch, batch_idx: int):
+        out_u, out_g = self.run_flows(batch, layers=())
+        loss = self.native_loss(out_u, out_g)
+        self.log_terms(
+            "train", {"loss": loss, "loss_und": out_u.loss, "loss_gen": out_g.loss}, len(batch.keys)
+        )
+        return self.guard_nonfinite(loss)
