@@ -178,3 +178,11 @@ def test_linear_ramp():
     assert LinearRamp(0, 1, steps=0)(0) == 1
     with pytest.raises(ValueError):
         LinearRamp(steps=-1)
+
+
+def test_orthogonality_mean_reduction_averages_entries():
+    torch.manual_seed(0)
+    zs, zu = torch.randn(8, 2, 4), torch.randn(8, 2, 3)
+    torch.testing.assert_close(orthogonality(zs, zu, "mean"), orthogonality(zs, zu) / 12)
+    with pytest.raises(ValueError, match="reduction"):
+        orthogonality(zs, zu, "max")

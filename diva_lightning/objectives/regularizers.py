@@ -4,6 +4,10 @@ Eq. 9 is ``L_perp = sum_{i in {U,G}} ||(z_sh^i)^T z_uni^i||_F^2``. Its raw value
 square of the batch size, so this project normalises the cross-correlation by the batch size,
 ``||(z_sh^i)^T z_uni^i / B||_F^2`` (= Eq. 9 divided by ``B^2``), computes it per middle layer and
 averages over layers. ``lambda_perp`` (paper: 0.2) is therefore independent of batch size.
+With ``reduction="mean"`` (the stages' default) the squared entries are also averaged over the
+``d_sh x d_uni`` cross-correlation matrix instead of summed, so the weight does not depend on the
+factor widths either (LayerNorm-ed factors give a sum of order ``d_sh * d_uni`` at init, which
+would swamp the native losses at the paper's 0.2); ``reduction="sum"`` is Eq. 9 / B^2.
 """
 
 from __future__ import annotations
@@ -13,18 +17,25 @@ from torch import Tensor
 from diva_lightning.objectives.encoders import Factors
 
 
-def orthogonality(shared: Tensor, unique: Tensor) -> Tensor:
-    """shared (B, L, d_sh) or (B, d_sh), unique likewise -> mean_l ||Z_sh^T Z_uni / B||_F^2."""
+def orthogonality(shared: Tensor, unique: Tensor, reduction: str = "sum") -> Tensor:
+    """shared (B, L, d_sh) or (B, d_sh), unique likewise -> mean_l ||Z_sh^T Z_uni / B||_F^2.
+
+    ``reduction="mean"`` averages the squared entries instead of summing them.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if shared.dim() == 2:
         shared, unique = shared.unsqueeze(1), unique.unsqueeze(1)
     cross = shared.transpose(0, 1).transpose(1, 2) @ unique.transpose(0, 1)  # (L, d_sh, d_uni)
-    return (cross / shared.shape[0]).pow(2).sum((-1, -2)).mean()
+    squared = (cross / shared.shape[0]).pow(2)  # (L, d_sh, d_uni)
+    per_layer = squared.sum((-1, -2)) if reduction == "sum" else squared.mean((-1, -2))
+    return per_layer.mean()
 
 
-def orthogonality_loss(factors: Factors) -> Tensor:
+def orthogonality_loss(factors: Factors, reduction: str = "mean") -> Tensor:
     """Eq. 9 summed over both flows (batch-normalised, layer-averaged)."""
-    return orthogonality(factors.shared_u, factors.unique_u) + orthogonality(
-        factors.shared_g, factors.unique_g
+    return orthogonality(factors.shared_u, factors.unique_u, reduction) + orthogonality(
+        factors.shared_g, factors.unique_g, reduction
     )
 
 

@@ -115,6 +115,10 @@ class DualFlowModule(L.LightningModule):
             self.backbone.set_activation_checkpointing(True)
         self.configure_trainable()
 
+    def on_train_epoch_start(self) -> None:
+        """A frozen backbone runs in eval mode (no dropout); a fine-tuned one in train mode."""
+        self.backbone.train(any(p.requires_grad for p in self.backbone.parameters()))
+
     def configure_trainable(self) -> None:
         """Set ``requires_grad`` for this stage (subclass hook)."""
         raise NotImplementedError

@@ -34,6 +34,8 @@ class Stage1(DualFlowModule):
         readout_rank: rank ``r`` of the low-rank readouts (paper: 24).
         injection: ``cross_flow`` (paper Eq. 8) or ``same_flow_sum`` (authors' code).
         lambda_perp: weight of the orthogonality loss (paper: 0.2).
+        perp_reduction: ``mean`` (default) or ``sum`` over the cross-correlation entries of
+            Eq. 9 (see ``objectives/regularizers.py``).
         shared_only_steps: optimizer steps of shared-only injection before unique injection.
         export_dir: where to write the encoders at the end of fit (default ``<log_dir>/factor_encoders``).
     """
@@ -48,6 +50,7 @@ class Stage1(DualFlowModule):
         readout_rank: int = 24,
         injection: str = "cross_flow",
         lambda_perp: float = 0.2,
+        perp_reduction: str = "mean",
         shared_only_steps: int = 500,
         export_dir: str | None = None,
         lr: float = 2e-4,
@@ -83,9 +86,6 @@ class Stage1(DualFlowModule):
     def configure_trainable(self) -> None:
         self.backbone.freeze_all()
 
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()  # frozen backbone: no dropout, VQ in eval
-
     def diva_losses(self, batch) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             out_u, out_g = self.run_flows(batch, self.layers, pool=True)
@@ -95,7 +95,7 @@ class Stage1(DualFlowModule):
         terms = {
             "loss_und_injected": injected_loss(out_u.logits, out_u.targets, bias_u),
             "loss_gen_injected": injected_loss(out_g.logits, out_g.targets, bias_g),
-            "loss_perp": orthogonality_loss(factors),
+            "loss_perp": orthogonality_loss(factors, self.hparams.perp_reduction),
             "loss_und": out_u.loss,
             "loss_gen": out_g.loss,
         }

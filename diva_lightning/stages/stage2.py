@@ -141,6 +141,7 @@ class Stage2(DualFlowModule):
             "mi_shared_nce": torch.log(torch.tensor(float(len(batch.keys)))) - l_u2g.detach(),
         }
         model_loss = lam_sha * (l_u2g + l_g2u) + lam_uni * l_uni + self.native_loss(out_u, out_g)
+        terms["loss_model"] = model_loss
         terms["loss"] = model_loss + l_critic  # disjoint parameters: see module docstring
         terms["lambda_sha"], terms["lambda_uni"] = lam_sha, lam_uni
         return terms
