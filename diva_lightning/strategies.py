@@ -10,8 +10,8 @@ GPU exists. On GPUs use Lightning's ``DeepSpeedStrategy`` (``strategy: deepspeed
 from __future__ import annotations
 
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.pytorch.utilities.seed import reset_seed
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
