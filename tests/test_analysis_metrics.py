@@ -58,3 +58,13 @@ def test_gradient_cosine_of_a_loss_with_itself_and_its_negative():
     other = (w * torch.tensor([0.0, 0, 0, 0, 1])).sum()
     loss_a = (w * torch.tensor([1.0, 0, 0, 0, 0])).sum()
     assert gradient_cosine(loss_a, other, [w]) == pytest.approx(0.0)
+
+
+def test_suggested_range_is_longest_positive_middle_run():
+    from diva_lightning.analysis.divergence import suggest_range
+
+    cos = [-1.0, -0.5, 0.5, 0.6, 0.7, -0.2, 0.4, -1.0]
+    res = [0.0, 0.1, 0.6, 0.7, 0.8, 0.1, 0.5, 0.0]
+    assert suggest_range(cos, res) == (3, 5)
+    # the first and last block are never suggested, even when they score highest
+    assert suggest_range([1, -1, -1, 1, 1, -1, 1], [1, 0, 0, 1, 1, 0, 1]) == (4, 5)
