@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help setup test test-slow test-distributed lint format demo bench bench-data clean
+.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-data clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -31,6 +31,23 @@ lint: ## ruff lint and format check
 format: ## ruff autofix and format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+TINY := --config configs/tiny/trainer.yaml --config configs/tiny/data.yaml
+DIVA := $(VENV)/bin/diva-cli
+
+demo-data: ## write the synthetic shapes-world shards of the embedded default (once)
+	test -f data/shapes/train/summary.json || $(DIVA) prepare data/shapes/train --synthetic 512 --max_count 64 --seed 0 --overwrite true
+	test -f data/shapes/val/summary.json || $(DIVA) prepare data/shapes/val --synthetic 64 --max_count 32 --seed 1 --overwrite true
+
+demo: demo-data ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shards, CPU)
+	$(DIVA) fit $(TINY) --config configs/tiny/stage1.yaml
+	$(DIVA) fit $(TINY) --config configs/tiny/stage2.yaml
+	@echo "logs (TensorBoard): runs/tiny  ->  $(VENV)/bin/tensorboard --logdir runs/tiny"
+	@echo "stage-1 encoders:   runs/tiny/stage1_encoders"
+	@echo "checkpoints:        runs/tiny/stage1/checkpoints, runs/tiny/stage2/checkpoints"
+
+bench-stages: ## stage-2 step time and peak memory, DIVA vs SFT (tiny backbone)
+	$(PY) benchmarks/bench_stages.py
 
 clean: ## remove caches and run outputs
 	rm -rf .cache .pytest_cache .ruff_cache runs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from diva_lightning.stages.base import DualFlowModule
@@ -24,6 +25,8 @@ class DivaCLI(LightningCLI):
     """LightningCLI with the stages as subclasses of ``DualFlowModule``."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -62,11 +65,12 @@ def _run_tool(name: str, args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] in TOOLS:
-        _run_tool(args[0], args[1:])
+    """Entry point; ``args`` as on the command line (default: ``sys.argv[1:]``)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        _run_tool(argv[0], argv[1:])
         return
-    build_cli(args)
+    build_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -171,10 +171,10 @@ class DualFlowModule(L.LightningModule):
             self.log("train/samples_per_s", len(batch.keys) / elapsed)
             self.log("train/tokens_per_s", getattr(self, "_tokens_in_batch", 0) / elapsed)
         self._last_batch_end = now
-        skips = getattr(batch, "skips", None)
-        if skips:
-            for reason, count in skips.items():
-                self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum")
+        skips = getattr(batch, "skips", None) or {}
+        self.log("data/skipped", float(sum(skips.values())), reduce_fx="sum")
+        for reason, count in skips.items():
+            self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         out_u, out_g = self.run_flows(batch, self.layers)
