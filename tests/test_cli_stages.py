@@ -1,0 +1,160 @@
+"""Stage 1, stage 2 and SFT through the real CLI (``build_cli``: the parser and instantiation of
+``diva-cli fit``) on the tiny Emu3 backbone and synthetic shards written in a temp dir."""
+
+import math
+
+import pytest
+import torch
+
+from diva_lightning.cli import build_cli
+from diva_lightning.data.prepare import prepare
+
+TINY = ["--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    prepare(str(root / "train"), synthetic=96, max_count=48, seed=0, quiet=True)
+    prepare(str(root / "val"), synthetic=16, max_count=16, seed=1, quiet=True)
+    return root
+
+
+def fit_args(stage, shards, out, *extra):
+    return [
+        "fit",
+        *TINY,
+        "--config",
+        f"configs/tiny/{stage}.yaml",
+        f"--data.init_args.train_shards={shards / 'train'}",
+        f"--data.init_args.val_shards={shards / 'val'}",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        *extra,
+    ]
+
+
+def run(args):
+    cli = build_cli(args[1:], run=False)  # what `diva-cli fit ...` builds, then fit as it does
+    before = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    return cli, changed
+
+
+def assert_logged_finite(cli, names):
+    metrics = cli.trainer.callback_metrics
+    for name in names:
+        assert name in metrics, f"{name} not logged; logged: {sorted(metrics)}"
+        assert math.isfinite(float(metrics[name])), name
+
+
+def logged_tags(cli):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli.trainer.logger.experiment.flush()
+    events = EventAccumulator(cli.trainer.logger.log_dir)
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+@pytest.fixture(scope="module")
+def stage1(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    export = out / "encoders"
+    cli, changed = run(
+        fit_args(
+            "stage1",
+            shards,
+            out,
+            f"--model.init_args.export_dir={export}",
+            "--model.init_args.shared_only_steps=2",
+        )
+    )
+    return cli, changed, export
+
+
+def test_stage1_trains_encoders_and_readouts_only(stage1):
+    cli, changed, export = stage1
+    assert changed, "nothing trained"
+    assert not [k for k in changed if k.startswith("backbone.")]  # bit-identical backbone
+    assert any(k.startswith("encoders.encoders.U_shared") for k in changed)
+    assert any(k.startswith("encoders.encoders.G_unique") for k in changed)
+    assert any(k.startswith("injection.A_U") for k in changed)
+    assert any(k.startswith("injection.B_G") for k in changed)
+    assert_logged_finite(
+        cli,
+        [
+            f"train/{t}"
+            for t in (
+                "loss",
+                "loss_und_injected",
+                "loss_gen_injected",
+                "loss_perp",
+                "loss_und",
+                "loss_gen",
+            )
+        ]
+        + ["val/loss_und", "val/loss_gen"],
+    )
+    assert (export / "factors.json").exists() and (export / "factors.safetensors").exists()
+
+
+def test_stage2_trains_exactly_the_configured_layers(stage1, shards, tmp_path):
+    _, _, export = stage1
+    cli, changed = run(
+        fit_args(
+            "stage2",
+            shards,
+            tmp_path,
+            f"--model.init_args.stage1_encoders={export}",
+            "--model.init_args.trainable_layers=[4, 5]",
+        )
+    )
+    backbone = {k for k in changed if k.startswith("backbone.")}
+    assert backbone and all(".layers.3." in k or ".layers.4." in k for k in backbone)
+    assert not [k for k in changed if k.startswith("encoders.")]  # frozen stage-1 encoders
+    assert any(k.startswith("unique_critic.") for k in changed)
+    assert_logged_finite(
+        cli,
+        [
+            f"train/{t}"
+            for t in (
+                "loss",
+                "loss_u2g",
+                "loss_g2u",
+                "loss_uni",
+                "loss_critic",
+                "loss_und",
+                "loss_gen",
+                "lambda_sha",
+                "lambda_uni",
+                "mi_shared_nce",
+            )
+        ]
+        + ["val/loss_und", "val/loss_gen", "data/skipped"],
+    )
+    assert {"lr-AdamW/pg1", "lr-AdamW/pg2"} <= logged_tags(cli)  # backbone and critic groups
+
+
+def test_sft_logs_no_diva_terms(shards, tmp_path):
+    cli, changed = run(fit_args("sft", shards, tmp_path))
+    assert all(
+        ".layers.2." in k or ".layers.3." in k or ".layers.4." in k or ".layers.5." in k
+        for k in changed
+    )
+    metrics = set(cli.trainer.callback_metrics)
+    assert {"train/loss_und", "train/loss_gen", "val/loss_und"} <= metrics
+    diva_terms = {
+        m
+        for m in metrics
+        if any(t in m for t in ("u2g", "g2u", "uni", "perp", "injected", "critic", "lambda"))
+    }
+    assert diva_terms == set()

@@ -1,0 +1,64 @@
+"""Every shipped config parses through the CLI; DeepSpeed JSONs validate; bad keys fail clearly."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diva_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["--config", str(CONFIGS / "tiny/trainer.yaml"), "--config", str(CONFIGS / "tiny/data.yaml")]
+
+
+def print_config(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS).glob("*.yaml")), ids=lambda p: p.name)
+def test_gpu_configs_parse(path, capsys):
+    out = print_config(["--config", str(path)], capsys)
+    assert "class_path: diva_lightning.stages." in out and "DeepSpeedStrategy" in out
+    assert path.read_text().startswith("# "), "each YAML starts with the command that runs it"
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "sft"])
+def test_tiny_configs_parse(stage, capsys):
+    path = CONFIGS / "tiny" / f"{stage}.yaml"
+    out = print_config([*TINY, "--config", str(path)], capsys)
+    assert "Emu3Adapter" in out
+    assert "diva-cli fit" in path.read_text().splitlines()[1]
+
+
+def test_unknown_key_fails_with_exit_code_2_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                *TINY,
+                "--config",
+                str(CONFIGS / "tiny/sft.yaml"),
+                "--model.init_args.lamda_und=1",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "lamda_und" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name
+)
+def test_deepspeed_configs_validate(path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    config = json.loads(path.read_text())
+    assert (
+        "gradient_accumulation_steps" not in config
+    )  # Lightning's accumulate_grad_batches owns it
+    zero = DeepSpeedZeroConfig(**config["zero_optimization"])  # rejects unknown keys
+    assert zero.stage in (2, 3)
+    DeepSpeedConfig(config)  # batch arithmetic
