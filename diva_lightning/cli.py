@@ -2,7 +2,7 @@
 
     diva-cli fit --config configs/stage2.yaml          # any Trainer subcommand: fit, validate, ...
     diva-cli prepare --help                            # image folder or synthetic world -> shards
-    diva-cli export --config RUN.yaml --checkpoint X.ckpt --out DIR
+    diva-cli export --run_config RUN.yaml --checkpoint X.ckpt --out DIR
 
 Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
 ``model.init_args.backbone:``); the data module likewise (``data:``).
@@ -37,8 +37,9 @@ class DivaCLI(LightningCLI):
         )
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> DivaCLI:
-    """Build (and by default run) the Lightning CLI; ``args`` as on the command line."""
+def build_cli(args: list[str] | dict | None = None, run: bool = True) -> DivaCLI:
+    """Build (and by default run) the Lightning CLI; ``args`` as on the command line, or a
+    config dict."""
     return DivaCLI(
         DualFlowModule,
         L.LightningDataModule,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 
 
 def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
@@ -22,11 +23,11 @@ def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def export(config: Path, checkpoint: Path, out: Path, use_ema: bool = True) -> Path:
+def export(*, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = True) -> Path:
     """Export a trained backbone.
 
     Args:
-        config: the run's config YAML (``runs/.../config.yaml``).
+        run_config: the run's config YAML (``runs/.../config.yaml``, saved by ``diva-cli fit``).
         checkpoint: a Lightning ``.ckpt`` of that run (single file; for a DeepSpeed directory run
             ``convert_zero_checkpoint_to_fp32_state_dict`` first).
         out: directory to write (``save_pretrained`` of the backbone).
@@ -35,7 +36,10 @@ def export(config: Path, checkpoint: Path, out: Path, use_ema: bool = True) -> P
     from diva_lightning.cli import build_cli
     from diva_lightning.objectives.checkpoint import save_factor_encoders
 
-    cli = build_cli(["--config", str(config)], run=False)
+    config = yaml.safe_load(Path(run_config).read_text())
+    for key in ("ckpt_path", "weights_only"):  # `fit` subcommand arguments, not the model's
+        config.pop(key, None)
+    cli = build_cli(config, run=False)
     model = cli.model
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state = ckpt.get("state_dict", ckpt)

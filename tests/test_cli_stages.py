@@ -2,6 +2,7 @@
 ``diva-cli fit``) on the tiny Emu3 backbone and synthetic shards written in a temp dir."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,17 +108,19 @@ def test_stage1_trains_encoders_and_readouts_only(stage1):
     assert (export / "factors.json").exists() and (export / "factors.safetensors").exists()
 
 
-def test_stage2_trains_exactly_the_configured_layers(stage1, shards, tmp_path):
+@pytest.fixture(scope="module")
+def stage2(stage1, shards, tmp_path_factory):
     _, _, export = stage1
-    cli, changed = run(
-        fit_args(
-            "stage2",
-            shards,
-            tmp_path,
-            f"--model.init_args.stage1_encoders={export}",
-            "--model.init_args.trainable_layers=[4, 5]",
-        )
-    )
+    out = tmp_path_factory.mktemp("stage2")
+    args = [
+        f"--model.init_args.stage1_encoders={export}",
+        "--model.init_args.trainable_layers=[4, 5]",
+    ]
+    return run(fit_args("stage2", shards, out, *args))
+
+
+def test_stage2_trains_exactly_the_configured_layers(stage2):
+    cli, changed = stage2
     backbone = {k for k in changed if k.startswith("backbone.")}
     assert backbone and all(".layers.3." in k or ".layers.4." in k for k in backbone)
     assert not [k for k in changed if k.startswith("encoders.")]  # frozen stage-1 encoders
@@ -158,3 +161,33 @@ def test_sft_logs_no_diva_terms(shards, tmp_path):
         if any(t in m for t in ("u2g", "g2u", "uni", "perp", "injected", "critic", "lambda"))
     }
     assert diva_terms == set()
+
+
+def test_export_writes_the_ema_backbone_that_loads_back(stage2, tmp_path):
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.cli import main
+
+    cli, _ = stage2
+    ckpt = tmp_path / "last.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    main(
+        [
+            "export",
+            "--run_config",
+            str(config),
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    exported = Emu3Adapter.from_pretrained(tmp_path / "out")
+    ema = torch.load(ckpt, weights_only=False)["callbacks"]
+    shadow = next(v for k, v in ema.items() if k.startswith("EMA"))["per_rank"][0]
+    name = "backbone.model.model.text_model.layers.3.mlp.up_proj.weight"
+    torch.testing.assert_close(exported.state_dict()[name.removeprefix("backbone.")], shadow[name])
+    frozen = "model.model.text_model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(
+        exported.state_dict()[frozen], cli.model.backbone.state_dict()[frozen]
+    )
