@@ -2,6 +2,7 @@
 
     diva-cli fit --config configs/stage2.yaml          # any Trainer subcommand: fit, validate, ...
     diva-cli prepare --help                            # image folder or synthetic world -> shards
+    diva-cli analyze --out runs/analyze                 # Sec. 2 divergence curves, Fig. 2 plots
     diva-cli export --run_config RUN.yaml --checkpoint X.ckpt --out DIR
 
 Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
@@ -18,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from diva_lightning.stages.base import DualFlowModule
 
-TOOLS = ("prepare", "export")
+TOOLS = ("prepare", "export", "analyze")
 
 
 class DivaCLI(LightningCLI):
@@ -59,6 +60,10 @@ def _run_tool(name: str, args: list[str]) -> None:
         from diva_lightning.data.prepare import prepare
 
         auto_cli(prepare, args=args)
+    elif name == "analyze":
+        from diva_lightning.analysis.tool import analyze
+
+        auto_cli(analyze, args=args)
     elif name == "export":
         from diva_lightning.export import export
 

@@ -23,6 +23,28 @@ def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def load_trained_model(run_config: Path, checkpoint: Path, use_ema: bool = True):
+    """Rebuild a run's stage module from its config and load a checkpoint (EMA by default)."""
+    from diva_lightning.cli import build_cli
+
+    config = yaml.safe_load(Path(run_config).read_text())
+    for key in ("ckpt_path", "weights_only"):  # `fit` subcommand arguments, not the model's
+        config.pop(key, None)
+    model = build_cli(config, run=False).model
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt)
+    if use_ema and (ema := ema_weights(ckpt)) is not None:
+        state = {**state, **{k: v.to(state[k].dtype) for k, v in ema.items() if k in state}}
+        print(f"using EMA weights for {len(ema)} tensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k.startswith("backbone.")]:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit {run_config}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model, ckpt
+
+
 def export(*, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = True) -> Path:
     """Export a trained backbone.
 
@@ -33,24 +55,9 @@ def export(*, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = Tru
         out: directory to write (``save_pretrained`` of the backbone).
         use_ema: load the EMA weights stored in the checkpoint when there are any.
     """
-    from diva_lightning.cli import build_cli
     from diva_lightning.objectives.checkpoint import save_factor_encoders
 
-    config = yaml.safe_load(Path(run_config).read_text())
-    for key in ("ckpt_path", "weights_only"):  # `fit` subcommand arguments, not the model's
-        config.pop(key, None)
-    cli = build_cli(config, run=False)
-    model = cli.model
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt)
-    if use_ema and (ema := ema_weights(ckpt)) is not None:
-        state = {**state, **{k: v.to(state[k].dtype) for k, v in ema.items() if k in state}}
-        print(f"using EMA weights for {len(ema)} tensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k.startswith("backbone.")]:
-        raise ValueError(
-            f"checkpoint does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    model, ckpt = load_trained_model(run_config, checkpoint, use_ema)
     out = Path(out)
     model.backbone.save_pretrained(out)
     if "diva_factor_config" in ckpt:
