@@ -4,6 +4,7 @@
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -190,4 +191,47 @@ def test_export_writes_the_ema_backbone_that_loads_back(stage2, tmp_path):
     frozen = "model.model.text_model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(
         exported.state_dict()[frozen], cli.model.backbone.state_dict()[frozen]
+    )
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(trainer.callback_metrics["train/loss"])
+
+
+def _fit_recording(args, ckpt_path=None, save_every=None, dirpath=None):
+    cli = build_cli(args[1:], run=False)
+    recorder = LossRecorder()
+    cli.trainer.callbacks.append(recorder)
+    if save_every:
+        every = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath, every_n_train_steps=save_every, save_top_k=-1
+        )
+        cli.trainer.callbacks.append(every)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli, recorder.losses
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, shards, tmp_path):
+    """A run killed after step 4 (its step-4 checkpoint, written mid-epoch by ModelCheckpoint)
+    and resumed continues the same optimizer, scheduler, EMA, critic and data position."""
+    _, _, export = stage1
+    extra = [
+        f"--model.init_args.stage1_encoders={export}",
+        "--trainer.val_check_interval=null",
+        "--trainer.limit_val_batches=0",
+        "--trainer.max_steps=8",
+    ]
+    args = fit_args("stage2", shards, tmp_path / "run", *extra)
+    _, whole = _fit_recording(args, save_every=4, dirpath=tmp_path / "ckpts")
+    (ckpt,) = [p for p in (tmp_path / "ckpts").iterdir() if "step=4" in p.name]
+    _, rest = _fit_recording(
+        fit_args("stage2", shards, tmp_path / "resumed", *extra), ckpt_path=ckpt
+    )
+    assert sorted(rest) == [5, 6, 7, 8]
+    assert [rest[s] for s in (5, 6, 7, 8)] == pytest.approx(
+        [whole[s] for s in (5, 6, 7, 8)], rel=1e-5, abs=1e-6
     )
