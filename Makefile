@@ -51,3 +51,6 @@ bench-stages: ## stage-2 step time and peak memory, DIVA vs SFT (tiny backbone)
 
 clean: ## remove caches and run outputs
 	rm -rf .cache .pytest_cache .ruff_cache runs
+
+bench-data: ## data loading samples/s: decoded-JPEG vs pre-tokenised shards (synthetic world)
+	$(PY) benchmarks/bench_data.py

@@ -1,0 +1,121 @@
+"""Shard lists: expand patterns, check them before training, split them over ranks and workers.
+
+Patterns: a string or a list of strings; each may use braces (``data/shard-{000000..000009}.tar``),
+shell globs (``data/*.tar``) or name a directory (all its ``*.tar``). Local paths are checked to
+exist; remote URLs (``scheme://``, ``pipe:``) are passed through unchecked.
+
+Splitting (``split_shards``): rank ``r`` of ``R`` takes ``shards[r::R]``; worker ``w`` of ``W``
+takes that list's ``[w::W]`` (WebDataset's ``split_by_node`` then ``split_by_worker``), so one pass
+reads every shard with exactly one (rank, worker). Requirements, checked with a message naming the
+pattern before any training step (``check_shard_count``):
+
+* training: at least ``R * W`` shards, so that no worker (and no rank) has nothing to read;
+* validation: at least ``R`` shards (a rank without batches hangs in the epoch-end collective);
+  the loader uses at most ``len(shards) // R`` workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from diva_lightning.data.skips import SkipCounter, TarErrorHandler
+
+REMOTE_PREFIXES = ("pipe:", "http:", "https:", "s3:", "gs:", "ais:", "sftp:", "scp:")
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES) or "://" in url
+
+
+def _expand_one(pattern: str, name: str) -> list[str]:
+    out: list[str] = []
+    for path in braceexpand.braceexpand(os.path.expanduser(pattern)):
+        if _is_remote(path):
+            out.append(path)
+        elif os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "*.tar")))
+            if not found:
+                raise FileNotFoundError(f"{name}: directory '{path}' holds no *.tar shard")
+            out += found
+        elif glob.has_magic(path):
+            found = sorted(glob.glob(path))
+            if not found:
+                raise FileNotFoundError(f"{name}: pattern '{pattern}' matches no file")
+            out += found
+        elif not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{name}: shard '{path}' does not exist (from pattern '{pattern}')"
+            )
+        else:
+            out.append(path)
+    return out
+
+
+def any_shard_exists(patterns: str | Sequence[str] | None) -> bool:
+    """Does any path of ``patterns`` exist (a file, a glob match, a directory with a ``*.tar``)?
+    Remote urls count as existing. Used to tell "matches nothing" from "partly missing"."""
+    if patterns is None:
+        return False
+    items = [patterns] if isinstance(patterns, str | Path) else list(patterns)
+    for pattern in items:
+        for path in braceexpand.braceexpand(os.path.expanduser(str(pattern))):
+            if _is_remote(path) or os.path.isfile(path):
+                return True
+            if os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")):
+                return True
+            if glob.has_magic(path) and glob.glob(path):
+                return True
+    return False
+
+
+def resolve_shards(patterns: str | Sequence[str] | None, name: str = "shards") -> list[str]:
+    """Expand ``patterns`` to a list of shard urls; raise naming ``name`` if any part is empty."""
+    if patterns is None or (not isinstance(patterns, str) and not list(patterns)):
+        raise ValueError(f"{name}: no shard pattern given")
+    items = [patterns] if isinstance(patterns, str | Path) else list(patterns)
+    shards: list[str] = []
+    for pattern in items:
+        shards += _expand_one(str(pattern), name)
+    duplicates = sorted({s for s in shards if shards.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"{name}: shards listed more than once: {duplicates[:5]}")
+    return shards
+
+
+def check_shard_count(
+    shards: Sequence[str], world_size: int, num_workers: int, name: str, train: bool
+) -> None:
+    """Fail before training when some rank (train: some worker) would get no shard."""
+    workers = max(1, num_workers)
+    needed = world_size * workers if train else world_size
+    if len(shards) >= needed:
+        return
+    what = f"{world_size} rank(s) x {workers} worker(s)" if train else f"{world_size} rank(s)"
+    raise ValueError(
+        f"{name}: {len(shards)} shard(s) for {what}; every {'worker' if train else 'rank'} "
+        f"needs at least one shard, so at least {needed} are needed. Write more, smaller "
+        f"shards (`diva-cli prepare --max_count ...`) or lower num_workers / the device count."
+    )
+
+
+def split_shards(
+    shards: Sequence[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """The shards of (rank, worker): ``shards[rank::world_size][worker::num_workers]``."""
+    return list(shards)[rank::world_size][worker :: max(1, num_workers)]
+
+
+def probe_first_sample(url: str) -> dict | None:
+    """Raw members of the first sample of shard ``url`` (None if it yields none)."""
+    counter = SkipCounter()
+    samples = wds.tarfile_to_samples(handler=TarErrorHandler(counter))(iter([{"url": url}]))
+    try:
+        return next(iter(samples), None)
+    finally:
+        samples.close()

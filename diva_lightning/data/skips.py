@@ -1,0 +1,186 @@
+"""Skip accounting for bad samples: count by reason, keep a few culprits, never crash the run.
+
+A real crawl has corrupt images, missing captions, truncated tars... Each bad sample (or bad
+shard read) is recorded in a ``SkipCounter`` under a reason (see ``REASONS``) with its key, shard
+url and cause, and the stream goes on. Across DataLoader workers, every worker owns its own
+counter (a pickled copy); it ``drain()``-s the counts recorded since its previous batch into that
+batch, and the main-process loader ``merge()``-s them into the split's counter. Every skip is thus
+counted exactly once, whatever the number of workers. A configurable ceiling on the skipped
+fraction aborts the run with ``DataQualityError`` and a summary naming culprits.
+
+``TarErrorHandler`` is the handler given to WebDataset's tar reading; unlike
+``webdataset.warn_and_continue`` it does not sleep, and it records the shard url and cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+REASONS = {
+    "missing_shard": "the shard file does not exist (any more)",
+    "shard_open_error": "the shard could not be opened",
+    "bad_tar": "truncated or corrupt tar archive (samples before the damage are kept)",
+    "duplicate_member": "two members with the same key and extension in one tar",
+    "missing_image": "no image member in the sample",
+    "empty_image": "zero-byte image member",
+    "not_an_image": "bytes that are no image format (whatever the extension says)",
+    "corrupt_image": "the image does not decode (truncated, broken data)",
+    "too_large": "more pixels than the ceiling (decompression bomb guard)",
+    "too_small": "image side below the minimum (e.g. 1x1 tracking pixels)",
+    "missing_caption": "no caption member / json field",
+    "empty_caption": "caption empty or whitespace only",
+    "bad_caption_encoding": "caption bytes are not UTF-8",
+    "bad_json": "the json member does not parse",
+    "missing_codes": "pre-tokenised run, but the sample has no codes.npy",
+    "bad_codes": "codes.npy of the wrong shape, dtype or range",
+    "other": "any other per-sample error (see the recorded cause)",
+}
+EXAMPLES_PER_REASON = 3
+
+
+class DataQualityError(RuntimeError):
+    """Too large a fraction of the samples was skipped."""
+
+
+@dataclass
+class SkipRecord:
+    """One skipped sample or shard read."""
+
+    reason: str
+    key: str | None
+    url: str | None
+    cause: str
+
+    def __str__(self) -> str:
+        return f"{self.url or '?'} / {self.key or '-'}: {self.cause}"
+
+
+@dataclass
+class SkipCounter:
+    """Skipped samples by reason, kept samples, and a few example culprits per reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    kept: int = 0
+    examples: dict[str, list[SkipRecord]] = field(default_factory=dict)
+    kept_total: int = 0  # never drained: a worker's progress check reads it
+    _pending: Counter = field(default_factory=Counter, repr=False)
+    _pending_examples: dict = field(default_factory=dict, repr=False)
+    _warned: set = field(default_factory=set, repr=False)
+
+    # ---- recording (in the process that reads the data) ------------------------------------
+    def add(self, reason: str, key: str | None = None, url: str | None = None, cause="") -> None:
+        """Record one skip; the first occurrence of each reason is logged as a warning."""
+        reason = reason if reason in REASONS else "other"
+        record = SkipRecord(reason, key, url, str(cause)[:300])
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("skipping bad data (%s): %s", reason, record)
+        self._pending[reason] += 1
+        examples = self._pending_examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(record)
+
+    def add_kept(self, n: int = 1) -> None:
+        """A worker-side progress count (not shipped: the loader counts kept samples itself)."""
+        self.kept_total += n
+
+    def drain(self) -> dict:
+        """Counts and examples recorded since the last drain (to ship with a batch)."""
+        delta = {"counts": dict(self._pending), "examples": self._pending_examples}
+        self._pending, self._pending_examples = Counter(), {}
+        return delta
+
+    # ---- aggregation (main process) ----------------------------------------------------------
+    def merge(self, delta: dict) -> None:
+        """Add a drained delta (from any worker) to this counter."""
+        self.counts.update(delta.get("counts", {}))
+        for reason, records in delta.get("examples", {}).items():
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(records[: EXAMPLES_PER_REASON - len(kept)])
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        total = self.skipped + self.kept
+        return self.skipped / total if total else 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        """Skips per reason (only reasons that occurred)."""
+        return {reason: n for reason, n in sorted(self.counts.items()) if n}
+
+    def log_dict(self, prefix: str = "data/") -> dict[str, float]:
+        """Flat metrics for ``LightningModule.log_dict`` / a logger's ``log_metrics``."""
+        out = {f"{prefix}skipped_{reason}": float(n) for reason, n in self.as_dict().items()}
+        out[f"{prefix}skipped"] = float(self.skipped)
+        out[f"{prefix}kept"] = float(self.kept)
+        out[f"{prefix}skipped_fraction"] = self.fraction
+        return out
+
+    def summary(self) -> str:
+        """Human-readable report: totals, then per reason the count, meaning and examples."""
+        lines = [f"kept {self.kept} samples, skipped {self.skipped} ({self.fraction:.1%})"]
+        for reason, n in self.as_dict().items():
+            lines.append(f"  {reason}: {n} ({REASONS[reason]})")
+            lines += [f"      e.g. {record}" for record in self.examples.get(reason, [])]
+        return "\n".join(lines)
+
+    def check_ceiling(self, max_fraction: float, min_seen: int, split: str = "train") -> None:
+        """Raise ``DataQualityError`` once ``min_seen`` samples were seen and too many skipped."""
+        if self.skipped + self.kept >= min_seen and self.fraction > max_fraction:
+            raise DataQualityError(
+                f"{split} data: skipped fraction {self.fraction:.1%} exceeds the ceiling "
+                f"max_skip_fraction={max_fraction:.1%}; fix the shards or raise the ceiling.\n"
+                + self.summary()
+            )
+
+
+def exception_url(exn: BaseException) -> str | None:
+    """WebDataset appends the shard url to ``exn.args``; return the last string-like one."""
+    for arg in reversed(getattr(exn, "args", ())):
+        if isinstance(arg, str) and arg:
+            return arg
+    return None
+
+
+def classify_tar_error(exn: BaseException) -> str:
+    """Skip reason of an exception raised while opening / reading a tar shard."""
+    if isinstance(exn, FileNotFoundError):
+        return "missing_shard"
+    if isinstance(exn, tarfile.TarError | EOFError):
+        return "bad_tar"
+    if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
+        return "duplicate_member"
+    if isinstance(exn, OSError):
+        return "shard_open_error"
+    return "other"
+
+
+@dataclass
+class TarErrorHandler:
+    """WebDataset ``handler``: record the error in ``counter`` and continue.
+
+    ``current`` is a dict whose ``"url"`` the shard stream sets before each shard, so errors
+    raised deep inside the tar reader (which carry no url) are attributed to their shard. An
+    error inside a tar (truncated or corrupt data) stops reading THAT shard (returns False at
+    the member level: the stream is broken anyway, and WebDataset would otherwise report the
+    same damage a second time one level up); samples read before the damage are kept. Errors
+    at the shard level (missing file, unreadable header) skip the shard and go on.
+    """
+
+    counter: SkipCounter
+    current: dict = field(default_factory=dict)
+
+    def __call__(self, exn: BaseException) -> bool:
+        message = str(exn.args[0]) if exn.args else str(exn)
+        inner = len(exn.args) == 1 and " @ " in message  # raised by tar_file_iterator
+        url = self.current.get("url") or exception_url(exn)
+        self.counter.add(classify_tar_error(exn), None, url, f"{type(exn).__name__}: {message}")
+        return not inner
