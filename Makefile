@@ -46,6 +46,8 @@ demo: demo-data ## stage 1 then stage 2 on the embedded default (tiny Emu3, synt
 	@echo "stage-1 encoders:   runs/tiny/stage1_encoders"
 	@echo "checkpoints:        runs/tiny/stage1/checkpoints, runs/tiny/stage2/checkpoints"
 
+bench: bench-stages bench-data ## every benchmark
+
 bench-stages: ## stage-2 step time and peak memory, DIVA vs SFT (tiny backbone)
 	$(PY) benchmarks/bench_stages.py
 
