@@ -35,11 +35,11 @@ format: ## ruff autofix and format
 TINY := --config configs/tiny/trainer.yaml --config configs/tiny/data.yaml
 DIVA := $(VENV)/bin/diva-cli
 
-demo-data: ## write the synthetic shapes-world shards of the embedded default (once)
+demo-data: ## write the synthetic shapes-world shards by hand (the data module also does on first use)
 	test -f data/shapes/train/summary.json || $(DIVA) prepare data/shapes/train --synthetic 512 --max_count 64 --seed 0 --overwrite true
 	test -f data/shapes/val/summary.json || $(DIVA) prepare data/shapes/val --synthetic 64 --max_count 32 --seed 1 --overwrite true
 
-demo: demo-data ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shards, CPU)
+demo: ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shards, CPU)
 	$(DIVA) fit $(TINY) --config configs/tiny/stage1.yaml
 	$(DIVA) fit $(TINY) --config configs/tiny/stage2.yaml
 	@echo "logs (TensorBoard): runs/tiny  ->  $(VENV)/bin/tensorboard --logdir runs/tiny"

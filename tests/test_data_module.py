@@ -3,6 +3,8 @@ configuration errors before training, and a real Lightning fit loop over it."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import defaultdict
 
 import lightning as L
@@ -197,3 +199,64 @@ def test_fit_loop_uses_epoch_length_and_epochs(shards):
     val_keys = sorted(k for _, keys in model.seen["val"] for k in keys)
     assert val_keys == sorted([f"{i:09d}" for i in range(12)] * 2)  # two full passes
     assert {epoch for epoch, _ in model.seen["val"]} == {0}  # validation masks never change
+
+
+# ---- embedded default: the synthetic world on first use --------------------------------------
+def test_synthetic_world_is_written_on_first_use(tmp_path):
+    root = tmp_path / "shapes"
+    dm = module(
+        str(tmp_path / "none-*.tar"),
+        str(tmp_path / "none-val.tar"),
+        synthetic_samples=40,
+        synthetic_val_samples=8,
+        synthetic_dir=str(root),
+        image_size=32,
+        image_grid=(4, 4),
+        num_workers=2,
+        batches_per_epoch=3,
+    )
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        dm.setup("fit")  # nothing written yet
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.shards["train"]) == 8 and len(dm.shards["val"]) == 8  # >= 8 shards
+    assert all(s.startswith(str(root / "train")) for s in dm.shards["train"])
+    val = [k for b in dm.make_loader("val") for k in b.keys]
+    assert sorted(val) == [f"{i:09d}" for i in range(8)]
+    loader = dm.make_loader("train")
+    assert len(loader) == 4  # batches_per_epoch=3 per rank -> 2 per worker x 2 workers
+    first = next(iter(loader))
+    world = ShapesWorld(seed=SEED)  # train uses the data seed, val seed + 1
+    assert first.captions[0] == world.sample(int(first.keys[0]))[1]
+    stamp = (root / "train" / "summary.json").stat().st_mtime_ns
+    dm.prepare_data()  # second use: nothing rewritten
+    assert (root / "train" / "summary.json").stat().st_mtime_ns == stamp
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_partly_missing_pattern_does_not_fall_back(shards, tmp_path):
+    pattern = shards[0].replace("000000.tar", "{000000..000009}.tar")  # 8 of 10 exist
+    dm = module(pattern, synthetic_samples=16, synthetic_dir=str(tmp_path / "syn"))
+    dm.prepare_data()
+    assert not (tmp_path / "syn").exists()
+    with pytest.raises(FileNotFoundError, match=r"shard-000008\.tar' does not exist"):
+        dm.setup("fit")
+
+
+def test_hyperparameters_saved_and_loaders_freed_without_the_cyclic_gc(shards):
+    """Lightning's implicit ``save_hyperparameters()`` frame lookup forms a frame cycle that
+    keeps the caller's loaders (and their workers) alive until a GC pass, whose worker shutdown
+    then stalls 5 s per worker; the data module passes its frame explicitly."""
+
+    def build():
+        dm = module(shards, image_size=32, image_grid=(4, 4), num_workers=2, samples_per_epoch=8)
+        loader = dm.make_loader("train")
+        next(iter(loader))
+        return dm.hparams["samples_per_epoch"], weakref.ref(loader)
+
+    gc.disable()
+    try:
+        saved, loader = build()
+        assert saved == 8 and loader() is None
+    finally:
+        gc.enable()

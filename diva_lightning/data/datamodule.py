@@ -15,6 +15,7 @@ key. Bad samples during the run are skipped and counted (``skips``); see ``pipel
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -119,7 +120,9 @@ class DualFlowDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_mask_config(mask_ratio_min, mask_ratio_max, mask_pattern)
-        self.save_hyperparameters()
+        # an explicit frame: Lightning's own currentframe() lookup forms a frame cycle that keeps the
+        # caller's locals (loaders with live workers) alive until the cyclic GC runs
+        self.save_hyperparameters(frame=inspect.currentframe())
         self.patterns = {"train": train_shards, "val": val_shards}
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
