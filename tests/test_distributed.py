@@ -93,6 +93,6 @@ def test_deepspeed_fit_save_and_resume_on_cpu(zero_stage, tmp_path):
     assert ckpts, "no DeepSpeed checkpoint directory written"
     resumed = _diva_cli(*base, "--trainer.max_steps=4", f"--ckpt_path={ckpts[0]}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        "Restored all states" in resumed.stderr + resumed.stdout or "max_steps=4" in resumed.stderr
-    )
+    # the resumed run went on from step 2 to step 4 and wrote its own ZeRO checkpoint there
+    names = sorted(p.name for p in tmp_path.rglob("*.ckpt"))
+    assert any("step=4" in n for n in names) and any("step=2" in n for n in names), names
