@@ -12,6 +12,7 @@ Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
 from __future__ import annotations
 
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -41,6 +42,8 @@ class DivaCLI(LightningCLI):
 def build_cli(args: list[str] | dict | None = None, run: bool = True) -> DivaCLI:
     """Build (and by default run) the Lightning CLI; ``args`` as on the command line, or a
     config dict."""
+    if args is not None:  # called from Python (export, analyze, tests): argv belongs to the caller
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     return DivaCLI(
         DualFlowModule,
         L.LightningDataModule,
