@@ -235,3 +235,18 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, shards, tmp_p
     assert [rest[s] for s in (5, 6, 7, 8)] == pytest.approx(
         [whole[s] for s in (5, 6, 7, 8)], rel=1e-5, abs=1e-6
     )
+
+
+def test_stage1_then_stage2_on_tiny_showo(shards, tmp_path):
+    showo = ["--config", "configs/tiny/showo.yaml", "--trainer.max_steps=2"]
+    export = tmp_path / "encoders"
+    args = fit_args("stage1", shards, tmp_path / "s1", f"--model.init_args.export_dir={export}")
+    cli, changed = run([*args[:3], *args[3:], *showo])
+    assert type(cli.model.backbone).__name__ == "ShowoAdapter"
+    assert changed and not [k for k in changed if k.startswith("backbone.")]
+    args = fit_args(
+        "stage2", shards, tmp_path / "s2", f"--model.init_args.stage1_encoders={export}"
+    )
+    cli, changed = run([*args, *showo])
+    assert {k for k in changed if k.startswith("backbone.")}
+    assert_logged_finite(cli, ["train/loss", "train/loss_u2g", "train/loss_uni", "train/loss_gen"])

@@ -18,7 +18,10 @@ def print_config(args, capsys):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS).glob("*.yaml")), ids=lambda p: p.name)
+GPU_CONFIGS = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "showo").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_gpu_configs_parse(path, capsys):
     out = print_config(["--config", str(path)], capsys)
     assert "class_path: diva_lightning.stages." in out and "DeepSpeedStrategy" in out
@@ -31,6 +34,14 @@ def test_tiny_configs_parse(stage, capsys):
     out = print_config([*TINY, "--config", str(path)], capsys)
     assert "Emu3Adapter" in out
     assert "diva-cli fit" in path.read_text().splitlines()[1]
+
+
+def test_tiny_showo_overlay_parses(capsys):
+    path = CONFIGS / "tiny" / "showo.yaml"
+    out = print_config(
+        [*TINY, "--config", str(CONFIGS / "tiny/stage1.yaml"), "--config", str(path)], capsys
+    )
+    assert "ShowoAdapter" in out
 
 
 def test_unknown_key_fails_with_exit_code_2_naming_it(capsys):
