@@ -101,6 +101,36 @@ def pad_positions(rows: Sequence[Tensor], fill: int = 0) -> tuple[Tensor, Tensor
     return positions, valid
 
 
+def right_padded_batch(
+    rows: Sequence[tuple[list[int], list[int], Tensor]], pad_id: int, device: torch.device | str
+) -> FlowBatch:
+    """rows of (token ids, labels, image positions (N,)) -> right-padded ``FlowBatch``.
+
+    Right padding leaves positions untouched, so a 2D attention mask suffices.
+    """
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention = torch.zeros_like(input_ids)
+    for i, (ids, lab, _) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    positions = torch.stack([pos for _, _, pos in rows])  # (B, N)
+    return FlowBatch(
+        attention.to(device), labels.to(device), positions.to(device), input_ids.to(device)
+    )
+
+
+def supervised_slots(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """labels (B, T) -> (positions (B, S), valid (B, S), targets (B, S)) of the labelled tokens."""
+    rows = [torch.nonzero(row != IGNORE_INDEX).flatten() for row in labels]
+    positions, valid = pad_positions(rows)
+    positions, valid = positions.to(labels.device), valid.to(labels.device)
+    targets = torch.gather(labels, 1, positions).masked_fill(~valid, IGNORE_INDEX)
+    return positions, valid, targets
+
+
 class LayerCapture:
     """Forward hooks on decoder blocks that keep only the image-token states of chosen layers.
 

@@ -30,7 +30,8 @@ from diva_lightning.backbones.base import (
     BackboneAdapter,
     FlowBatch,
     gather_slots,
-    pad_positions,
+    right_padded_batch,
+    supervised_slots,
 )
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
@@ -185,21 +186,10 @@ class Emu3Adapter(BackboneAdapter):
 
     def _batch(self, rows: list[tuple[list[int], list[int], int]]) -> FlowBatch:
         """rows of (token ids, labels, image start) -> right-padded FlowBatch."""
-        width = max(len(ids) for ids, _, _ in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        attention = torch.zeros_like(input_ids)
-        for i, (ids, lab, _) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention[i, : len(ids)] = 1
         offsets = self._image_offsets()
-        positions = torch.stack([start + offsets for _, _, start in rows])  # (B, N)
-        device = self.image_token_ids.device
-        return FlowBatch(
-            attention.to(device), labels.to(device), positions.to(device), input_ids.to(device)
-        )
+        rows = [(ids, lab, start + offsets) for ids, lab, start in rows]
+        pad = self.tokenizer.pad_token_id or 0
+        return right_padded_batch(rows, pad, self.image_token_ids.device)
 
     def build_understanding(
         self,
@@ -245,21 +235,13 @@ class Emu3Adapter(BackboneAdapter):
         )
         return out.last_hidden_state  # (B, T, D), after the final norm
 
-    def _slots(self, batch: FlowBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """Supervised positions -> (positions (B, S), valid (B, S), targets (B, S))."""
-        rows = [torch.nonzero(row != IGNORE_INDEX).flatten() for row in batch.labels]
-        positions, valid = pad_positions(rows)
-        positions, valid = positions.to(batch.labels.device), valid.to(batch.labels.device)
-        targets = torch.gather(batch.labels, 1, positions).masked_fill(~valid, IGNORE_INDEX)
-        return positions, valid, targets
-
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        positions, valid, targets = self._slots(batch)
+        positions, valid, targets = supervised_slots(batch.labels)
         h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D), shift by one
         return self.model.lm_head(h), targets  # (B, S, V_t)
 
     def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        positions, valid, targets = self._slots(batch)
+        positions, valid, targets = supervised_slots(batch.labels)
         h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D)
         image_rows = self.model.lm_head.weight[self.image_token_ids]  # (K, D)
         return h @ image_rows.T, targets  # (B, S, K) codebook order

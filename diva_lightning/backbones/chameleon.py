@@ -1,0 +1,244 @@
+"""Chameleon adapter (``ChameleonForConditionalGeneration``).
+
+One causal LM over one vocabulary; VQ code ``k`` is the token named ``"IMGIMG" + digits of k
+mapped 0->A..9->J + "Z"``. Images sit between ``<racm3:break>`` and ``<eoss>``, without row
+tokens.
+
+* Understanding flow (U): ``<s> <racm3:break> IMAGE <eoss> prompt caption </s>``; labels on the
+  caption and ``</s>``.
+* Generation flow (G): ``<s> caption <racm3:break> IMAGE' <eoss>``; masked codes replaced by
+  ``mask_token`` (a reserved token, never an image code); labels at masked positions; next-token
+  shift (the output at ``p - 1`` scores the code at ``p``).
+
+The stock ``forward`` sets every image-token logit to ``finfo.min`` (Chameleon's chat models
+may not emit images), which makes a generation loss infinite: this adapter runs the decoder
+(``model.model``) and projects only the supervised slots itself. ``V_t`` is the full LM
+vocabulary; generation logits are ``h @ lm_head.weight[image_token_ids].T`` (codebook order).
+transformers' ``ChameleonVQVAE`` has no decoder, so ``decode_images`` is not available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
+
+from diva_lightning.backbones.base import (
+    IGNORE_INDEX,
+    BackboneAdapter,
+    FlowBatch,
+    gather_slots,
+    right_padded_batch,
+    supervised_slots,
+)
+from diva_lightning.backbones.tokenizers import build_word_tokenizer
+
+BOI, EOI, IMAGE = "<racm3:break>", "<eoss>", "<image>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's vocabulary name of VQ code ``code``: digits mapped 0->A .. 9->J."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def tiny_config(vocab: dict[str, int], codebook_size: int, **overrides) -> ChameleonConfig:
+    """Random tiny Chameleon: LM hidden 64, 8 layers; 32 px -> 8 x 8 codes from a 2-level VQ."""
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=codebook_size,
+        latent_channels=8,
+        resolution=32,
+        base_channels=32,
+        channel_multiplier=[1, 2, 2],
+        num_res_blocks=1,
+        attn_resolutions=[],
+    )
+    vq.update(overrides.pop("vq_config", {}))
+    config = dict(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        attention_dropout=0.0,
+    )
+    config.update(overrides)
+    return ChameleonConfig(vq_config=vq, vocabulary_map=vocab, **config)
+
+
+class ChameleonAdapter(BackboneAdapter):
+    """Adapter for Chameleon.
+
+    Args:
+        pretrained_path: local directory of a checkpoint (model + tokenizer). ``None`` builds a
+            random tiny config (tests, the embedded default).
+        config_overrides: for the tiny config: LM config keys, ``vq_config`` (dict) and
+            ``image_size`` (pixels, default 32).
+        mask_token: reserved token put at masked image positions in the generation flow.
+        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        config_overrides: dict | None = None,
+        mask_token: str = "<reserved08706>",
+        torch_dtype: str = "float32",
+    ):
+        super().__init__()
+        overrides = dict(config_overrides or {})
+        if pretrained_path is not None:
+            self.model = ChameleonForConditionalGeneration.from_pretrained(
+                pretrained_path, dtype=DTYPES[torch_dtype]
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
+        else:
+            codebook = int(overrides.get("vq_config", {}).get("num_embeddings", 256))
+            overrides.setdefault("vq_config", {})["resolution"] = int(
+                overrides.pop("image_size", 32)
+            )
+            visual = [image_token_name(i) for i in range(codebook)]
+            self.tokenizer = build_word_tokenizer([IMAGE, BOI, EOI, mask_token, *visual])
+            config = tiny_config(self.tokenizer.get_vocab(), codebook, **overrides)
+            self.model = ChameleonForConditionalGeneration(config).to(DTYPES[torch_dtype])
+        self.mask_token = mask_token
+        self._init_vocabulary()
+        self.train(False)
+
+    def _init_vocabulary(self) -> None:
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in (BOI, EOI, self.mask_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"Chameleon tokenizer lacks the special tokens {missing}")
+        mapping = self.model.model.vocabulary_mapping
+        image_ids = torch.tensor([mapping.img2bpe[i] for i in range(len(mapping.img2bpe))])
+        self.register_buffer("image_token_ids", image_ids, persistent=False)  # (K,) code -> LM id
+        self.special = {"boi": vocab[BOI], "eoi": vocab[EOI], "mask": vocab[self.mask_token]}
+        if self.special["mask"] in set(image_ids.tolist()):
+            raise ValueError(f"mask token {self.mask_token!r} is an image code")
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def vq(self) -> nn.Module:
+        return self.model.model.vqmodel
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def codebook_size(self) -> int:
+        return len(self.image_token_ids)
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.model.lm_head.out_features
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vq_config.resolution)
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        factor = 2 ** (len(self.model.config.vq_config.channel_multiplier) - 1)
+        side = self.image_size // factor
+        return side, side
+
+    # ---- images --------------------------------------------------------------------------------
+    def _encode_images(self, pixels: Tensor) -> Tensor:
+        vq_input = (pixels * 2 - 1).to(self.vq.dtype)  # Chameleon normalises to [-1, 1]
+        return self.vq.encode(vq_input).image_tokens.view(len(pixels), -1)  # (B, N) codes
+
+    def _decode_images(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError(
+            "ChameleonAdapter cannot decode image tokens: transformers' ChameleonVQVAE has no "
+            "decoder (generated codes need Meta's original VQ decoder)"
+        )
+
+    # ---- flows ---------------------------------------------------------------------------------
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _batch(self, rows: list[tuple[list[int], list[int], int]]) -> FlowBatch:
+        n = self.tokens_per_image
+        rows = [(ids, lab, start + torch.arange(n)) for ids, lab, start in rows]
+        pad = self.tokenizer.pad_token_id or 0
+        return right_padded_batch(rows, pad, self.image_token_ids.device)
+
+    def build_understanding(
+        self,
+        prompts: Sequence[str],
+        captions: Sequence[str],
+        codes: Tensor | None = None,
+        pixels: Tensor | None = None,
+    ) -> FlowBatch:
+        if codes is None:
+            codes = self.tokenize_images(pixels)
+        self.check_codes(codes)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        rows = []
+        for prompt, caption, image in zip(prompts, captions, codes, strict=True):
+            head = [bos, self.special["boi"]]
+            image_ids = self.image_token_ids[image.to(self.image_token_ids.device)].tolist()
+            context = head + image_ids + [self.special["eoi"]] + self._text(prompt)
+            target = self._text(caption) + [eos]
+            rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
+        return self._batch(rows)
+
+    def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
+        self.check_codes(codes)
+        if mask.shape != codes.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
+        rows = []
+        for caption, image, masked in zip(captions, codes, mask.bool(), strict=True):
+            head = [self.tokenizer.bos_token_id, *self._text(caption), self.special["boi"]]
+            image_ids = self.image_token_ids[image.to(self.image_token_ids.device)].cpu()
+            labels = torch.where(
+                masked.cpu(), image.cpu(), torch.full_like(image.cpu(), IGNORE_INDEX)
+            )
+            image_ids[masked.cpu()] = self.special["mask"]
+            ids = head + image_ids.tolist() + [self.special["eoi"]]
+            lab = [IGNORE_INDEX] * len(head) + labels.tolist() + [IGNORE_INDEX]
+            rows.append((ids, lab, len(head)))
+        return self._batch(rows)
+
+    def _hidden(self, batch: FlowBatch) -> Tensor:
+        out = self.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.last_hidden_state  # (B, T, D), after the final norm
+
+    def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
+        positions, valid, targets = supervised_slots(batch.labels)
+        h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D), shift by one
+        return self.model.lm_head(h), targets  # (B, S, V_t)
+
+    def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
+        positions, valid, targets = supervised_slots(batch.labels)
+        h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D)
+        image_rows = self.model.lm_head.weight[self.image_token_ids]  # (K, D)
+        return h @ image_rows.T, targets  # (B, S, K) codebook order
+
+    # ---- persistence ---------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, **overrides) -> ChameleonAdapter:
+        return cls(config_overrides=overrides)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> ChameleonAdapter:
+        return cls(pretrained_path=str(path), **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)

@@ -1,0 +1,131 @@
+"""Chameleon adapter against the contract of ``BackboneAdapter`` (tiny random config)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diva_lightning.backbones.base import IGNORE_INDEX
+from diva_lightning.backbones.chameleon import ChameleonAdapter, image_token_name
+
+CAPTIONS = ["a red circle at the top left.", "two blue squares at the center and a star ."]
+PROMPTS = ["Please describe this image in detail."] * 2
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    torch.manual_seed(0)
+    return ChameleonAdapter.tiny().eval()
+
+
+@pytest.fixture(scope="module")
+def codes(adapter):
+    return adapter.tokenize_images(
+        torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    )
+
+
+def _mask(seed=0):
+    return torch.rand(2, 64, generator=torch.Generator().manual_seed(seed)) < 0.4
+
+
+def _full_logits(adapter, batch):
+    h = adapter.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return adapter.model.lm_head(h.last_hidden_state)  # (B, T, V) without the stock image mask
+
+
+def test_image_token_names_follow_the_vocabulary_map(adapter, codes):
+    assert image_token_name(120) == "IMGIMGBCAZ"
+    vocab = adapter.tokenizer.get_vocab()
+    assert adapter.image_token_ids[120] == vocab["IMGIMGBCAZ"]
+    # tokenize_images returns codebook indices, i.e. the VQ's own indices
+    ref = adapter.vq.encode(torch.zeros(1, 3, 32, 32)).image_tokens.flatten()
+    assert torch.equal(adapter.tokenize_images(torch.full((1, 3, 32, 32), 0.5))[0], ref)
+
+
+def test_understanding_labels_only_on_caption_and_loss_is_manual_ce(adapter, codes):
+    batch = adapter.build_understanding(PROMPTS, CAPTIONS, codes=codes)
+    for i, caption in enumerate(CAPTIONS):
+        expected = adapter.tokenizer(caption, add_special_tokens=False).input_ids + [
+            adapter.tokenizer.eos_token_id
+        ]
+        assert batch.labels[i][batch.labels[i] != IGNORE_INDEX].tolist() == expected
+    out = adapter.forward_flow(batch, "U")
+    manual = F.cross_entropy(out.logits.flatten(0, 1), out.targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+    full = _full_logits(adapter, batch)
+    shifted = F.cross_entropy(
+        full[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, shifted)
+
+
+def test_generation_hides_masked_codes_and_loss_is_finite_codebook_ce(adapter, codes):
+    mask = _mask()
+    batch = adapter.build_generation(CAPTIONS, codes, mask)
+    for i in range(2):
+        image_ids = batch.input_ids[i, batch.image_positions[i]]
+        assert (image_ids[mask[i]] == adapter.special["mask"]).all()
+        visible = set(image_ids[~mask[i]].tolist())
+        hidden = adapter.image_token_ids[codes[i][mask[i]]].tolist()
+        assert [t for t in hidden if t in batch.input_ids[i].tolist() and t not in visible] == []
+        labelled = torch.nonzero(batch.labels[i] != IGNORE_INDEX).flatten()
+        assert labelled.tolist() == batch.image_positions[i][mask[i]].tolist()
+        assert batch.labels[i, labelled].tolist() == codes[i][mask[i]].tolist()
+    out = adapter.forward_flow(batch, "G")
+    assert torch.isfinite(out.loss)  # the stock forward would give inf here
+    manual = F.cross_entropy(out.logits.flatten(0, 1), out.targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+    full = _full_logits(adapter, batch)
+    first = torch.nonzero(batch.labels[0] != IGNORE_INDEX).flatten()
+    expected = full[0, first - 1][:, adapter.image_token_ids]
+    torch.testing.assert_close(out.logits[0, : len(first)], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flow", ["U", "G"])
+def test_positions_and_hidden_states_equal_output_hidden_states(adapter, codes, flow):
+    if flow == "U":
+        batch = adapter.build_understanding(PROMPTS, CAPTIONS, codes=codes)
+    else:
+        batch = adapter.build_generation(CAPTIONS, codes, _mask())
+    if flow == "U":
+        at = torch.stack([batch.input_ids[i, batch.image_positions[i]] for i in range(2)])
+        assert torch.equal(at, adapter.image_token_ids[codes])
+    layers = [2, 3, 4]
+    out = adapter.forward_flow(batch, flow, layers, pool=False)
+    ref = adapter.model.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+    ).hidden_states
+    index = batch.image_positions.unsqueeze(-1).expand(-1, -1, adapter.hidden_size)
+    expected = torch.stack([torch.gather(ref[layer], 1, index) for layer in layers], 1)
+    torch.testing.assert_close(out.hidden, expected)
+    torch.testing.assert_close(adapter.forward_flow(batch, flow, layers).hidden, expected.mean(2))
+
+
+def test_unfreeze_range_changes_only_those_layers():
+    torch.manual_seed(0)
+    adapter = ChameleonAdapter.tiny()
+    adapter.unfreeze_layers(2, 3)
+    names = adapter.trainable_parameter_names()
+    assert names and all(".layers.1." in n or ".layers.2." in n for n in names)
+    before = {n: p.detach().clone() for n, p in adapter.named_parameters()}
+    opt = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-2)
+    adapter.train()
+    codes = adapter.tokenize_images(torch.rand(2, 3, 32, 32))
+    adapter.forward_flow(adapter.build_generation(CAPTIONS, codes, _mask()), "G").loss.backward()
+    opt.step()
+    assert {n for n, p in adapter.named_parameters() if not torch.equal(p, before[n])} == set(names)
+    with pytest.raises(ValueError, match=r"0\.\.3 is outside .* 1\.\.8"):
+        adapter.unfreeze_layers(0, 3)
+
+
+def test_save_load_exact_vq_frozen_and_no_decoder(adapter, codes, tmp_path):
+    adapter.save_pretrained(tmp_path / "ckpt")
+    loaded = ChameleonAdapter.from_pretrained(tmp_path / "ckpt").eval()
+    batch = adapter.build_understanding(PROMPTS, CAPTIONS, codes=codes)
+    assert torch.equal(
+        adapter.forward_flow(batch, "U").logits, loaded.forward_flow(batch, "U").logits
+    )
+    loaded.train()
+    assert not loaded.vq.training and all(not p.requires_grad for p in loaded.vq.parameters())
+    with pytest.raises(NotImplementedError, match="no decoder"):
+        adapter.decode_images(codes)
