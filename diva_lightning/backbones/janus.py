@@ -1,0 +1,254 @@
+"""Janus adapter (``JanusForConditionalGeneration``): two image encoders on one LLM.
+
+* Understanding flow (U): ``<s> <begin_of_image> <image_placeholder> x N <end_of_image> prompt
+  caption </s>``; the SigLIP features of the pixels, through the aligner, replace the
+  placeholders (continuous inputs); labels on the caption and ``</s>``; text logits from
+  ``lm_head`` with the next-token shift. ``image_positions`` are the placeholder positions.
+* Generation flow (G): ``<s> caption <begin_of_image>`` then the generation embeddings of the
+  VQ codes (``prepare_embeddings_for_image_generation``), where every masked position gets the
+  adapter's learnable ``mask_embedding`` instead (the generation codebook has no mask id), then
+  ``<end_of_image>``. Labels are the codes at masked positions; logits come from
+  ``generation_head`` (codebook space) at ``p - 1`` for the code at ``p`` (causal next-token
+  shift, as Janus generates images).
+
+Both flows are right-padded. The flow batches carry token ids (image positions hold the
+placeholder id) plus, for G, the codes and mask in ``extra``; embeddings are built in the
+forward so gradients reach the mask embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration
+
+from diva_lightning.backbones.base import (
+    IGNORE_INDEX,
+    BackboneAdapter,
+    FlowBatch,
+    gather_slots,
+    right_padded_batch,
+    supervised_slots,
+)
+from diva_lightning.backbones.tokenizers import build_word_tokenizer
+
+PLACEHOLDER, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MASK_FILE = "diva_mask_embedding.pt"
+
+
+def tiny_config(vocab: dict[str, int], **overrides) -> JanusConfig:
+    """Random tiny Janus: Llama hidden 64, 8 layers; 32 px; SigLIP 8x8 patches; VQ 8x8, 256 codes."""
+    text = dict(
+        model_type="llama",
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+        projection_dim=64,
+        num_image_tokens=64,
+        mlp_ratio=2.0,
+    )
+    vq = dict(
+        num_embeddings=256,
+        embed_dim=8,
+        latent_channels=8,
+        base_channels=32,
+        channel_multiplier=[1, 2, 2],
+        num_res_blocks=1,
+        num_patches=8,
+        projection_dim=64,
+        image_token_embed_dim=64,
+        num_hidden_layers=1,
+    )
+    text.update(overrides.pop("text_config", {}))
+    vision.update(overrides.pop("vision_config", {}))
+    vq.update(overrides.pop("vq_config", {}))
+    return JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=vocab[PLACEHOLDER],
+        **overrides,
+    )
+
+
+class JanusAdapter(BackboneAdapter):
+    """Adapter for Janus / Janus-Pro.
+
+    Args:
+        pretrained_path: local directory of a checkpoint (model + tokenizer). ``None`` builds a
+            random tiny config (tests, the embedded default).
+        config_overrides: for the tiny config: ``text_config`` / ``vision_config`` /
+            ``vq_config`` dicts.
+        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        config_overrides: dict | None = None,
+        torch_dtype: str = "float32",
+    ):
+        super().__init__()
+        if pretrained_path is not None:
+            self.model = JanusForConditionalGeneration.from_pretrained(
+                pretrained_path, dtype=DTYPES[torch_dtype]
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
+        else:
+            self.tokenizer = build_word_tokenizer([PLACEHOLDER, BOI, EOI])
+            config = tiny_config(self.tokenizer.get_vocab(), **dict(config_overrides or {}))
+            self.model = JanusForConditionalGeneration(config).to(DTYPES[torch_dtype])
+        hidden = self.model.config.text_config.hidden_size
+        # (1, D), not 0-dim: a 0-dim parameter breaks DeepSpeed broadcasts
+        self.mask_embedding = nn.Parameter(torch.randn(1, hidden) * 0.02)
+        if pretrained_path is not None and (Path(pretrained_path) / MASK_FILE).exists():
+            self.mask_embedding.data.copy_(torch.load(Path(pretrained_path) / MASK_FILE))
+        vocab = self.tokenizer.get_vocab()
+        self.special = {"placeholder": vocab[PLACEHOLDER], "boi": vocab[BOI], "eoi": vocab[EOI]}
+        self.train(False)
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def vq(self) -> nn.Module:
+        return self.model.model.vqmodel
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def codebook_size(self) -> int:
+        return self.model.config.vq_config.num_embeddings
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.model.lm_head.out_features
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        side = int(self.model.config.vq_config.num_patches)
+        return side, side
+
+    @property
+    def needs_pixels_for_understanding(self) -> bool:
+        return True
+
+    # ---- images --------------------------------------------------------------------------------
+    def _encode_images(self, pixels: Tensor) -> Tensor:
+        out = self.vq.encode((pixels * 2 - 1).to(self.vq.dtype))  # VQ input in [-1, 1]
+        return out.image_tokens.view(len(pixels), -1)  # (B, N)
+
+    def _decode_images(self, codes: Tensor) -> Tensor:
+        return (self.vq.decode(codes).float() + 1) / 2  # (B, 3, H, W)
+
+    # ---- flows ---------------------------------------------------------------------------------
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _batch(self, rows, extra: dict | None = None) -> FlowBatch:
+        n = self.tokens_per_image
+        rows = [(ids, lab, start + torch.arange(n)) for ids, lab, start in rows]
+        batch = right_padded_batch(
+            rows, self.tokenizer.pad_token_id or 0, self.mask_embedding.device
+        )
+        batch.extra.update(extra or {})
+        return batch
+
+    def build_understanding(
+        self,
+        prompts: Sequence[str],
+        captions: Sequence[str],
+        codes: Tensor | None = None,
+        pixels: Tensor | None = None,
+    ) -> FlowBatch:
+        if pixels is None:
+            raise ValueError("JanusAdapter's understanding flow reads pixels (SigLIP encoder)")
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        rows = []
+        for prompt, caption in zip(prompts, captions, strict=True):
+            head = [bos, self.special["boi"]]
+            image = [self.special["placeholder"]] * self.tokens_per_image
+            context = head + image + [self.special["eoi"]] + self._text(prompt)
+            target = self._text(caption) + [eos]
+            rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
+        return self._batch(rows, {"pixel_values": (pixels * 2 - 1)})  # SigLIP: mean 0.5, std 0.5
+
+    def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
+        self.check_codes(codes)
+        if mask.shape != codes.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
+        rows = []
+        for caption, image, masked in zip(captions, codes.cpu(), mask.bool().cpu(), strict=True):
+            head = [self.tokenizer.bos_token_id, *self._text(caption), self.special["boi"]]
+            ids = head + [self.special["placeholder"]] * len(image) + [self.special["eoi"]]
+            labels = torch.where(masked, image, torch.full_like(image, IGNORE_INDEX))
+            lab = [IGNORE_INDEX] * len(head) + labels.tolist() + [IGNORE_INDEX]
+            rows.append((ids, lab, len(head)))
+        return self._batch(rows, {"codes": codes, "mask": mask.bool()})
+
+    def generation_inputs_embeds(self, batch: FlowBatch) -> Tensor:
+        """Token embeddings with the image positions replaced by code or mask embeddings."""
+        embeds = self.model.get_input_embeddings()(batch.input_ids)  # (B, T, D)
+        codes, mask = batch.extra["codes"], batch.extra["mask"]  # (B, N)
+        image = self.model.prepare_embeddings_for_image_generation(codes)  # (B, N, D)
+        image = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(image.dtype), image)
+        index = batch.image_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        return embeds.scatter(1, index, image.to(embeds.dtype))
+
+    def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
+        out = self.model.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.extra["pixel_values"].to(self.model.dtype),
+        )
+        positions, valid, targets = supervised_slots(batch.labels)
+        h = gather_slots(out.last_hidden_state, positions - 1, valid)  # (B, S, D)
+        return self.model.lm_head(h), targets  # (B, S, V_t)
+
+    def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
+        out = self.model.model.language_model(
+            inputs_embeds=self.generation_inputs_embeds(batch), attention_mask=batch.attention_mask
+        )
+        positions, valid, targets = supervised_slots(batch.labels)
+        h = gather_slots(out.last_hidden_state, positions - 1, valid)  # (B, S, D)
+        return self.model.model.generation_head(h), targets  # (B, S, K)
+
+    # ---- persistence ---------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, **overrides) -> JanusAdapter:
+        return cls(config_overrides=overrides)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> JanusAdapter:
+        return cls(pretrained_path=str(path), **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        torch.save(self.mask_embedding.detach().cpu(), Path(path) / MASK_FILE)
