@@ -250,3 +250,16 @@ def test_stage1_then_stage2_on_tiny_showo(shards, tmp_path):
     cli, changed = run([*args, *showo])
     assert {k for k in changed if k.startswith("backbone.")}
     assert_logged_finite(cli, ["train/loss", "train/loss_u2g", "train/loss_uni", "train/loss_gen"])
+
+
+@pytest.mark.parametrize("backbone", ["janus.JanusAdapter", "chameleon.ChameleonAdapter"])
+def test_stage1_and_sft_run_on_other_backbones(backbone, shards, tmp_path):
+    swap = [
+        f"--model.init_args.backbone=diva_lightning.backbones.{backbone}",
+        "--trainer.max_steps=2",
+    ]
+    cli, changed = run([*fit_args("stage1", shards, tmp_path / "s1"), *swap])
+    assert changed and not [k for k in changed if k.startswith("backbone.")]
+    cli, changed = run([*fit_args("sft", shards, tmp_path / "sft"), *swap])
+    assert {k for k in changed if k.startswith("backbone.")}
+    assert_logged_finite(cli, ["train/loss_und", "train/loss_gen"])
