@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -129,6 +130,15 @@ def supervised_slots(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     positions, valid = positions.to(labels.device), valid.to(labels.device)
     targets = torch.gather(labels, 1, positions).masked_fill(~valid, IGNORE_INDEX)
     return positions, valid, targets
+
+
+def shifted_slot_states(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal LMs: the state at ``p - 1`` scores the token at each labelled position ``p``.
+
+    hidden (B, T, D), labels (B, T) -> (states (B, S, D), targets (B, S)).
+    """
+    positions, valid, targets = supervised_slots(labels)
+    return gather_slots(hidden, positions - 1, valid), targets
 
 
 class LayerCapture:

@@ -27,17 +27,16 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration
 
 from diva_lightning.backbones.base import (
+    DTYPES,
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
-    gather_slots,
     right_padded_batch,
-    supervised_slots,
+    shifted_slot_states,
 )
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
 BOI, EOI, IMAGE = "<racm3:break>", "<eoss>", "<image>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def image_token_name(code: int) -> str:
@@ -220,13 +219,11 @@ class ChameleonAdapter(BackboneAdapter):
         return out.last_hidden_state  # (B, T, D), after the final norm
 
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        positions, valid, targets = supervised_slots(batch.labels)
-        h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D), shift by one
+        h, targets = shifted_slot_states(self._hidden(batch), batch.labels)  # (B, S, D)
         return self.model.lm_head(h), targets  # (B, S, V_t)
 
     def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        positions, valid, targets = supervised_slots(batch.labels)
-        h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D)
+        h, targets = shifted_slot_states(self._hidden(batch), batch.labels)  # (B, S, D)
         image_rows = self.model.lm_head.weight[self.image_token_ids]  # (K, D)
         return h @ image_rows.T, targets  # (B, S, K) codebook order
 

@@ -26,17 +26,16 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, Emu3Config, Emu3ForConditionalGeneration
 
 from diva_lightning.backbones.base import (
+    DTYPES,
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
-    gather_slots,
     right_padded_batch,
-    supervised_slots,
+    shifted_slot_states,
 )
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
 EOL, BOI, EOI, IMAGE = "<|extra_200|>", "<|image start|>", "<|image end|>", "<image>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tiny_config(vocab: dict[str, int], codebook_size: int, **overrides) -> Emu3Config:
@@ -236,13 +235,11 @@ class Emu3Adapter(BackboneAdapter):
         return out.last_hidden_state  # (B, T, D), after the final norm
 
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        positions, valid, targets = supervised_slots(batch.labels)
-        h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D), shift by one
+        h, targets = shifted_slot_states(self._hidden(batch), batch.labels)  # (B, S, D)
         return self.model.lm_head(h), targets  # (B, S, V_t)
 
     def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        positions, valid, targets = supervised_slots(batch.labels)
-        h = gather_slots(self._hidden(batch), positions - 1, valid)  # (B, S, D)
+        h, targets = shifted_slot_states(self._hidden(batch), batch.labels)  # (B, S, D)
         image_rows = self.model.lm_head.weight[self.image_token_ids]  # (K, D)
         return h @ image_rows.T, targets  # (B, S, K) codebook order
 

@@ -26,17 +26,16 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration
 
 from diva_lightning.backbones.base import (
+    DTYPES,
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
-    gather_slots,
     right_padded_batch,
-    supervised_slots,
+    shifted_slot_states,
 )
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
 PLACEHOLDER, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_FILE = "diva_mask_embedding.pt"
 
 
@@ -227,16 +226,14 @@ class JanusAdapter(BackboneAdapter):
             attention_mask=batch.attention_mask,
             pixel_values=batch.extra["pixel_values"].to(self.model.dtype),
         )
-        positions, valid, targets = supervised_slots(batch.labels)
-        h = gather_slots(out.last_hidden_state, positions - 1, valid)  # (B, S, D)
+        h, targets = shifted_slot_states(out.last_hidden_state, batch.labels)  # (B, S, D)
         return self.model.lm_head(h), targets  # (B, S, V_t)
 
     def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
         out = self.model.model.language_model(
             inputs_embeds=self.generation_inputs_embeds(batch), attention_mask=batch.attention_mask
         )
-        positions, valid, targets = supervised_slots(batch.labels)
-        h = gather_slots(out.last_hidden_state, positions - 1, valid)  # (B, S, D)
+        h, targets = shifted_slot_states(out.last_hidden_state, batch.labels)  # (B, S, D)
         return self.model.model.generation_head(h), targets  # (B, S, K)
 
     # ---- persistence ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from diva_lightning.backbones.base import (
+    DTYPES,
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
@@ -44,7 +45,6 @@ from diva_lightning.backbones.showo.prompting import ShowoPrompting, extend_toke
 from diva_lightning.backbones.showo.sampling import greedy_understanding, maskgit_generate
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHAT_TEMPLATE = "USER: \n{prompt} ASSISTANT:"  # official inference_mmu.py prompt
 
 
