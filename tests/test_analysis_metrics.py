@@ -28,8 +28,9 @@ def test_orthogonal_subspaces_give_residual_one_and_rank_increment():
 
 
 def test_effective_rank_of_isotropic_and_rank_one_states():
+    torch.manual_seed(0)
     assert effective_rank(torch.randn(4000, 8)) == pytest.approx(8, rel=0.05)
-    assert effective_rank(torch.randn(100, 1) @ torch.randn(1, 8)) == pytest.approx(1, abs=1e-6)
+    assert effective_rank(torch.randn(100, 1) @ torch.randn(1, 8)) == pytest.approx(1, abs=1e-4)
 
 
 def test_smooth_grid_has_less_high_frequency_energy_than_noise():
