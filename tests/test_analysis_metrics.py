@@ -12,6 +12,11 @@ from diva_lightning.analysis.metrics import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def test_identical_flows_give_zero_residual_and_zero_rank_increment():
     u = torch.randn(64, 16)
     assert reconstruction_residual(u, u, variance_threshold=0.999999) == pytest.approx(0, abs=1e-9)
