@@ -28,6 +28,12 @@ def _mask(seed=0):
     return torch.rand(2, 64, generator=torch.Generator().manual_seed(seed)) < 0.4
 
 
+def _flow_batch(adapter, codes, flow):
+    if flow == "U":
+        return adapter.build_understanding(PROMPTS, CAPTIONS, codes=codes)
+    return adapter.build_generation(CAPTIONS, codes, _mask())
+
+
 def _full_logits(adapter, batch):
     h = adapter.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return adapter.model.lm_head(h.last_hidden_state)  # (B, T, V) without the stock image mask
@@ -37,9 +43,12 @@ def test_image_token_names_follow_the_vocabulary_map(adapter, codes):
     assert image_token_name(120) == "IMGIMGBCAZ"
     vocab = adapter.tokenizer.get_vocab()
     assert adapter.image_token_ids[120] == vocab["IMGIMGBCAZ"]
-    # tokenize_images returns codebook indices, i.e. the VQ's own indices
-    ref = adapter.vq.encode(torch.zeros(1, 3, 32, 32)).image_tokens.flatten()
-    assert torch.equal(adapter.tokenize_images(torch.full((1, 3, 32, 32), 0.5))[0], ref)
+    # codebook indices mapped through the vocabulary map give the LM ids of get_image_tokens
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    lm_ids = adapter.model.model.get_image_tokens(pixels * 2 - 1)  # (B, N) int32 LM ids
+    got = adapter.tokenize_images(pixels)
+    assert got.min() >= 0 and got.max() < adapter.codebook_size == 256
+    assert got.shape == (2, 64) and torch.equal(adapter.image_token_ids[got], lm_ids.long())
 
 
 def test_understanding_labels_only_on_caption_and_loss_is_manual_ce(adapter, codes):
@@ -65,6 +74,8 @@ def test_generation_hides_masked_codes_and_loss_is_finite_codebook_ce(adapter, c
     for i in range(2):
         image_ids = batch.input_ids[i, batch.image_positions[i]]
         assert (image_ids[mask[i]] == adapter.special["mask"]).all()
+        assert torch.equal(image_ids[~mask[i]], adapter.image_token_ids[codes[i][~mask[i]]])
+        assert adapter.special["mask"] not in adapter.image_token_ids.tolist()
         visible = set(image_ids[~mask[i]].tolist())
         hidden = adapter.image_token_ids[codes[i][mask[i]]].tolist()
         assert [t for t in hidden if t in batch.input_ids[i].tolist() and t not in visible] == []
@@ -75,18 +86,36 @@ def test_generation_hides_masked_codes_and_loss_is_finite_codebook_ce(adapter, c
     assert torch.isfinite(out.loss)  # the stock forward would give inf here
     manual = F.cross_entropy(out.logits.flatten(0, 1), out.targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(out.loss, manual)
+    assert out.logits.shape[-1] == adapter.codebook_size
     full = _full_logits(adapter, batch)
-    first = torch.nonzero(batch.labels[0] != IGNORE_INDEX).flatten()
-    expected = full[0, first - 1][:, adapter.image_token_ids]
-    torch.testing.assert_close(out.logits[0, : len(first)], expected, rtol=1e-4, atol=1e-4)
+    for i in range(2):
+        slots = torch.nonzero(batch.labels[i] != IGNORE_INDEX).flatten()
+        expected = full[i, slots - 1][:, adapter.image_token_ids]  # image-code columns, shifted
+        torch.testing.assert_close(out.logits[i, : len(slots)], expected, rtol=1e-4, atol=1e-4)
+        assert (out.targets[i, len(slots) :] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("flow", ["U", "G"])
+def test_padding_does_not_change_a_sample(adapter, codes, flow):
+    def build(index):
+        if flow == "U":
+            return adapter.build_understanding(
+                [PROMPTS[i] for i in index], [CAPTIONS[i] for i in index], codes=codes[index]
+            )
+        return adapter.build_generation([CAPTIONS[i] for i in index], codes[index], _mask()[index])
+
+    batch = build([0, 1])
+    assert (batch.attention_mask[0] == 0).any()  # the shorter caption is right-padded
+    both = adapter.forward_flow(batch, flow, [1, 8], pool=False)
+    alone = adapter.forward_flow(build([0]), flow, [1, 8], pool=False)
+    slots = int((alone.targets[0] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(both.logits[0, :slots], alone.logits[0, :slots])
+    torch.testing.assert_close(both.hidden[0], alone.hidden[0])
 
 
 @pytest.mark.parametrize("flow", ["U", "G"])
 def test_positions_and_hidden_states_equal_output_hidden_states(adapter, codes, flow):
-    if flow == "U":
-        batch = adapter.build_understanding(PROMPTS, CAPTIONS, codes=codes)
-    else:
-        batch = adapter.build_generation(CAPTIONS, codes, _mask())
+    batch = _flow_batch(adapter, codes, flow)
     if flow == "U":
         at = torch.stack([batch.input_ids[i, batch.image_positions[i]] for i in range(2)])
         assert torch.equal(at, adapter.image_token_ids[codes])
@@ -99,6 +128,8 @@ def test_positions_and_hidden_states_equal_output_hidden_states(adapter, codes, 
     expected = torch.stack([torch.gather(ref[layer], 1, index) for layer in layers], 1)
     torch.testing.assert_close(out.hidden, expected)
     torch.testing.assert_close(adapter.forward_flow(batch, flow, layers).hidden, expected.mean(2))
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        adapter.forward_flow(batch, flow, [0, 4, 9])
 
 
 def test_unfreeze_range_changes_only_those_layers():
@@ -118,13 +149,21 @@ def test_unfreeze_range_changes_only_those_layers():
         adapter.unfreeze_layers(0, 3)
 
 
-def test_save_load_exact_vq_frozen_and_no_decoder(adapter, codes, tmp_path):
+def test_save_load_exact_vq_frozen_and_no_decoder(codes, tmp_path):
+    torch.manual_seed(3)
+    adapter = ChameleonAdapter(mask_token="<reserved00007>").eval()  # a non-default mask
     adapter.save_pretrained(tmp_path / "ckpt")
     loaded = ChameleonAdapter.from_pretrained(tmp_path / "ckpt").eval()
-    batch = adapter.build_understanding(PROMPTS, CAPTIONS, codes=codes)
-    assert torch.equal(
-        adapter.forward_flow(batch, "U").logits, loaded.forward_flow(batch, "U").logits
-    )
+    assert loaded.mask_token == "<reserved00007>"
+    assert torch.equal(loaded.image_token_ids, adapter.image_token_ids)
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.equal(adapter.tokenize_images(pixels), loaded.tokenize_images(pixels))
+    for flow in ("U", "G"):
+        batch, ref = (_flow_batch(a, codes, flow) for a in (loaded, adapter))
+        assert torch.equal(batch.input_ids, ref.input_ids)
+        assert torch.equal(
+            adapter.forward_flow(ref, flow).logits, loaded.forward_flow(batch, flow).logits
+        )
     loaded.train()
     assert not loaded.vq.training and all(not p.requires_grad for p in loaded.vq.parameters())
     with pytest.raises(NotImplementedError, match="no decoder"):

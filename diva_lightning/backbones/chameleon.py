@@ -8,7 +8,9 @@ tokens.
   caption and ``</s>``.
 * Generation flow (G): ``<s> caption <racm3:break> IMAGE' <eoss>``; masked codes replaced by
   ``mask_token`` (a reserved token, never an image code); labels at masked positions; next-token
-  shift (the output at ``p - 1`` scores the code at ``p``).
+  shift (the output at ``p - 1`` scores the code at ``p``). The default mask is
+  ``<reserved08999>`` (Lumina-mGPT's mask on the Chameleon vocabulary), not ``<reserved08706>``,
+  which Chameleon uses as its separator / end-of-turn token.
 
 The stock ``forward`` sets every image-token logit to ``finfo.min`` (Chameleon's chat models
 may not emit images), which makes a generation loss infinite: this adapter runs the decoder
@@ -19,6 +21,7 @@ transformers' ``ChameleonVQVAE`` has no decoder, so ``decode_images`` is not ava
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +40,8 @@ from diva_lightning.backbones.base import (
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
 BOI, EOI, IMAGE = "<racm3:break>", "<eoss>", "<image>"
+DEFAULT_MASK = "<reserved08999>"
+ADAPTER_FILE = "diva_adapter.json"  # adapter settings next to the transformers checkpoint
 
 
 def image_token_name(code: int) -> str:
@@ -82,7 +87,8 @@ class ChameleonAdapter(BackboneAdapter):
             random tiny config (tests, the embedded default).
         config_overrides: for the tiny config: LM config keys, ``vq_config`` (dict) and
             ``image_size`` (pixels, default 32).
-        mask_token: reserved token put at masked image positions in the generation flow.
+        mask_token: reserved token put at masked image positions in the generation flow;
+            ``None`` takes the one saved with the checkpoint, else ``<reserved08999>``.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
     """
 
@@ -90,11 +96,12 @@ class ChameleonAdapter(BackboneAdapter):
         self,
         pretrained_path: str | None = None,
         config_overrides: dict | None = None,
-        mask_token: str = "<reserved08706>",
+        mask_token: str | None = None,
         torch_dtype: str = "float32",
     ):
         super().__init__()
         overrides = dict(config_overrides or {})
+        mask_token = mask_token or _saved_mask_token(pretrained_path) or DEFAULT_MASK
         if pretrained_path is not None:
             self.model = ChameleonForConditionalGeneration.from_pretrained(
                 pretrained_path, dtype=DTYPES[torch_dtype]
@@ -124,6 +131,10 @@ class ChameleonAdapter(BackboneAdapter):
         self.special = {"boi": vocab[BOI], "eoi": vocab[EOI], "mask": vocab[self.mask_token]}
         if self.special["mask"] in set(image_ids.tolist()):
             raise ValueError(f"mask token {self.mask_token!r} is an image code")
+        structural = {self.special["boi"], self.special["eoi"], self.tokenizer.bos_token_id}
+        structural |= {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        if self.special["mask"] in structural:
+            raise ValueError(f"mask token {self.mask_token!r} is a structural token")
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -185,6 +196,8 @@ class ChameleonAdapter(BackboneAdapter):
         pixels: Tensor | None = None,
     ) -> FlowBatch:
         if codes is None:
+            if pixels is None:
+                raise ValueError("build_understanding needs image codes or pixels")
             codes = self.tokenize_images(pixels)
         self.check_codes(codes)
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
@@ -239,3 +252,12 @@ class ChameleonAdapter(BackboneAdapter):
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        (Path(path) / ADAPTER_FILE).write_text(json.dumps({"mask_token": self.mask_token}))
+
+
+def _saved_mask_token(path: str | None) -> str | None:
+    """The mask token ``save_pretrained`` wrote next to a checkpoint, if any."""
+    settings = Path(path) / ADAPTER_FILE if path is not None else None
+    if settings is None or not settings.exists():
+        return None
+    return json.loads(settings.read_text()).get("mask_token")

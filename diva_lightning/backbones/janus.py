@@ -1,19 +1,25 @@
 """Janus adapter (``JanusForConditionalGeneration``): two image encoders on one LLM.
 
+Implements the DIVA backbone contract (``base.BackboneAdapter``, paper Sec. 3.1) for Janus /
+Janus-Pro (Chen et al., 2025), whose understanding and generation read images differently:
+
 * Understanding flow (U): ``<s> <begin_of_image> <image_placeholder> x N <end_of_image> prompt
-  caption </s>``; the SigLIP features of the pixels, through the aligner, replace the
-  placeholders (continuous inputs); labels on the caption and ``</s>``; text logits from
-  ``lm_head`` with the next-token shift. ``image_positions`` are the placeholder positions.
+  caption </s>``. The SigLIP features of the pixels (normalised with the checkpoint's image
+  processor statistics), through the aligner, replace the placeholders (continuous inputs);
+  labels on the caption and ``</s>``; text logits from ``lm_head`` with the next-token shift.
+  ``image_positions`` are the placeholder positions.
 * Generation flow (G): ``<s> caption <begin_of_image>`` then the generation embeddings of the
   VQ codes (``prepare_embeddings_for_image_generation``), where every masked position gets the
-  adapter's learnable ``mask_embedding`` instead (the generation codebook has no mask id), then
+  adapter's ``mask_embedding`` instead (the generation codebook has no mask id), then
   ``<end_of_image>``. Labels are the codes at masked positions; logits come from
-  ``generation_head`` (codebook space) at ``p - 1`` for the code at ``p`` (causal next-token
-  shift, as Janus generates images).
+  ``generation_head`` (codebook space) at ``p - 1`` for the code at ``p``: the causal
+  next-token shift Janus is pretrained with, so a masked token sees the caption and the earlier
+  image tokens only (see docs "Inpainting on a causal LM").
 
-Both flows are right-padded. The flow batches carry token ids (image positions hold the
-placeholder id) plus, for G, the codes and mask in ``extra``; embeddings are built in the
-forward so gradients reach the mask embedding.
+Both flows are right-padded with a 2D attention mask (positions are unaffected). The G batch
+carries token ids (image positions hold the placeholder id) plus the codes and mask in
+``extra``; the embeddings are built in the forward, so gradients reach the mask embedding and
+masked codes never reach the model.
 """
 
 from __future__ import annotations
@@ -23,7 +29,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    JanusConfig,
+    JanusForConditionalGeneration,
+)
+from transformers.models.janus import JanusImageProcessorPil
 
 from diva_lightning.backbones.base import (
     DTYPES,
@@ -37,6 +49,7 @@ from diva_lightning.backbones.tokenizers import build_word_tokenizer
 
 PLACEHOLDER, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 MASK_FILE = "diva_mask_embedding.pt"
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # Janus-Pro's SigLIP-L statistics
 
 
 def tiny_config(vocab: dict[str, int], **overrides) -> JanusConfig:
@@ -50,6 +63,7 @@ def tiny_config(vocab: dict[str, int], **overrides) -> JanusConfig:
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=512,
+        attention_dropout=0.0,
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
@@ -63,6 +77,7 @@ def tiny_config(vocab: dict[str, int], **overrides) -> JanusConfig:
         projection_dim=64,
         num_image_tokens=64,
         mlp_ratio=2.0,
+        attention_dropout=0.0,
     )
     vq = dict(
         num_embeddings=256,
@@ -92,10 +107,11 @@ class JanusAdapter(BackboneAdapter):
     """Adapter for Janus / Janus-Pro.
 
     Args:
-        pretrained_path: local directory of a checkpoint (model + tokenizer). ``None`` builds a
-            random tiny config (tests, the embedded default).
+        pretrained_path: local directory of a ``JanusForConditionalGeneration`` checkpoint with
+            its tokenizer (and ``preprocessor_config.json`` for the SigLIP statistics). ``None``
+            builds a random tiny config (tests, the embedded default).
         config_overrides: for the tiny config: ``text_config`` / ``vision_config`` /
-            ``vq_config`` dicts.
+            ``vq_config`` dicts merged into the defaults, other keys passed to ``JanusConfig``.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
     """
 
@@ -106,23 +122,60 @@ class JanusAdapter(BackboneAdapter):
         torch_dtype: str = "float32",
     ):
         super().__init__()
+        dtype = DTYPES[torch_dtype]
         if pretrained_path is not None:
-            self.model = JanusForConditionalGeneration.from_pretrained(
-                pretrained_path, dtype=DTYPES[torch_dtype]
-            )
+            self.model = JanusForConditionalGeneration.from_pretrained(pretrained_path, dtype=dtype)
             self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
         else:
             self.tokenizer = build_word_tokenizer([PLACEHOLDER, BOI, EOI])
             config = tiny_config(self.tokenizer.get_vocab(), **dict(config_overrides or {}))
-            self.model = JanusForConditionalGeneration(config).to(DTYPES[torch_dtype])
-        hidden = self.model.config.text_config.hidden_size
+            self.model = JanusForConditionalGeneration(config).to(dtype)
+        self._check_grids()
+        self.image_processor = self._load_image_processor(pretrained_path)
+        mean, std = self.image_processor.image_mean, self.image_processor.image_std
+        if not self.image_processor.do_normalize:
+            mean, std = (0.0,) * 3, (1.0,) * 3
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         # (1, D), not 0-dim: a 0-dim parameter breaks DeepSpeed broadcasts
-        self.mask_embedding = nn.Parameter(torch.randn(1, hidden) * 0.02)
-        if pretrained_path is not None and (Path(pretrained_path) / MASK_FILE).exists():
-            self.mask_embedding.data.copy_(torch.load(Path(pretrained_path) / MASK_FILE))
+        mask_file = Path(pretrained_path or "") / MASK_FILE
+        init = torch.load(mask_file) if pretrained_path and mask_file.exists() else None
+        self.mask_embedding = nn.Parameter(
+            (init if init is not None else self._mean_code_embedding()).to(dtype)
+        )
         vocab = self.tokenizer.get_vocab()
         self.special = {"placeholder": vocab[PLACEHOLDER], "boi": vocab[BOI], "eoi": vocab[EOI]}
         self.train(False)
+
+    def _check_grids(self) -> None:
+        """SigLIP and the VQ must give the same number of image tokens (image_positions (B, N))."""
+        siglip = self.model.config.vision_config.num_image_tokens
+        if siglip != self.tokens_per_image:
+            raise ValueError(
+                f"Janus vision_config.num_image_tokens={siglip} differs from the VQ grid "
+                f"{self.image_grid} ({self.tokens_per_image} tokens)"
+            )
+
+    def _load_image_processor(self, path: str | None):
+        """The checkpoint's image processor, or SigLIP statistics at ``image_size``."""
+        if path is not None and (Path(path) / "preprocessor_config.json").exists():
+            return AutoImageProcessor.from_pretrained(path)
+        size = {"height": self.image_size, "width": self.image_size}
+        return JanusImageProcessorPil(image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, size=size)
+
+    @torch.no_grad()
+    def _mean_code_embedding(self, chunk: int = 4096) -> Tensor:
+        """Mean generation embedding over the codebook -> (1, D): an in-distribution mask input.
+
+        DIVA's stages freeze the mask embedding with the rest of the model outside the trained
+        blocks, so it starts from the codebook centroid rather than from noise.
+        """
+        codes = torch.arange(self.codebook_size, device=self.model.device)  # (K,)
+        total = sum(
+            self.model.prepare_embeddings_for_image_generation(part).float().sum(0)
+            for part in codes.split(chunk)
+        )  # (D,)
+        return (total / self.codebook_size).unsqueeze(0).cpu()  # (1, D)
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -164,19 +217,25 @@ class JanusAdapter(BackboneAdapter):
         return out.image_tokens.view(len(pixels), -1)  # (B, N)
 
     def _decode_images(self, codes: Tensor) -> Tensor:
-        return (self.vq.decode(codes).float() + 1) / 2  # (B, 3, H, W)
+        # vqmodel.decode is channels-first (B, 3, H, W) in [-1, 1]; the model's
+        # decode_image_tokens would permute to channels-last.
+        return (self.vq.decode(codes).float() + 1) / 2
+
+    def siglip_pixels(self, pixels: Tensor) -> Tensor:
+        """pixels (B, 3, H, W) in [0, 1] -> SigLIP input, normalised as the Janus processor does."""
+        return (pixels.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std
 
     # ---- flows ---------------------------------------------------------------------------------
     def _text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _batch(self, rows, extra: dict | None = None) -> FlowBatch:
+    def _batch(self, rows: list[tuple[list[int], list[int], int]], extra: dict) -> FlowBatch:
+        """rows of (token ids, labels, image start) -> right-padded FlowBatch."""
         n = self.tokens_per_image
         rows = [(ids, lab, start + torch.arange(n)) for ids, lab, start in rows]
-        batch = right_padded_batch(
-            rows, self.tokenizer.pad_token_id or 0, self.mask_embedding.device
-        )
-        batch.extra.update(extra or {})
+        pad = self.tokenizer.pad_token_id or 0
+        batch = right_padded_batch(rows, pad, self.mask_embedding.device)
+        batch.extra.update(extra)
         return batch
 
     def build_understanding(
@@ -196,7 +255,7 @@ class JanusAdapter(BackboneAdapter):
             context = head + image + [self.special["eoi"]] + self._text(prompt)
             target = self._text(caption) + [eos]
             rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
-        return self._batch(rows, {"pixel_values": (pixels * 2 - 1)})  # SigLIP: mean 0.5, std 0.5
+        return self._batch(rows, {"pixel_values": self.siglip_pixels(pixels)})
 
     def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
         self.check_codes(codes)
@@ -206,18 +265,20 @@ class JanusAdapter(BackboneAdapter):
         for caption, image, masked in zip(captions, codes.cpu(), mask.bool().cpu(), strict=True):
             head = [self.tokenizer.bos_token_id, *self._text(caption), self.special["boi"]]
             ids = head + [self.special["placeholder"]] * len(image) + [self.special["eoi"]]
-            labels = torch.where(masked, image, torch.full_like(image, IGNORE_INDEX))
+            labels = torch.where(masked, image, torch.full_like(image, IGNORE_INDEX))  # (N,)
             lab = [IGNORE_INDEX] * len(head) + labels.tolist() + [IGNORE_INDEX]
             rows.append((ids, lab, len(head)))
-        return self._batch(rows, {"codes": codes, "mask": mask.bool()})
+        device = self.mask_embedding.device
+        return self._batch(rows, {"codes": codes.to(device), "mask": mask.bool().to(device)})
 
     def generation_inputs_embeds(self, batch: FlowBatch) -> Tensor:
         """Token embeddings with the image positions replaced by code or mask embeddings."""
         embeds = self.model.get_input_embeddings()(batch.input_ids)  # (B, T, D)
         codes, mask = batch.extra["codes"], batch.extra["mask"]  # (B, N)
-        image = self.model.prepare_embeddings_for_image_generation(codes)  # (B, N, D)
+        visible = codes.masked_fill(mask, 0)  # masked codes never enter the model
+        image = self.model.prepare_embeddings_for_image_generation(visible)  # (B, N, D)
         image = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(image.dtype), image)
-        index = batch.image_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        index = batch.image_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])  # (B, N, D)
         return embeds.scatter(1, index, image.to(embeds.dtype))
 
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
@@ -248,4 +309,5 @@ class JanusAdapter(BackboneAdapter):
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
         torch.save(self.mask_embedding.detach().cpu(), Path(path) / MASK_FILE)
