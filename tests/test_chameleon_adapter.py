@@ -168,3 +168,17 @@ def test_save_load_exact_vq_frozen_and_no_decoder(codes, tmp_path):
     assert not loaded.vq.training and all(not p.requires_grad for p in loaded.vq.parameters())
     with pytest.raises(NotImplementedError, match="no decoder"):
         adapter.decode_images(codes)
+
+
+def test_config_overrides_apply_and_vocabulary_map_matches_tokenizer():
+    overrides = {"vq_config": {"resolution": 64, "num_embeddings": 128}, "num_hidden_layers": 2}
+    adapter = ChameleonAdapter(config_overrides=overrides)
+    assert overrides["vq_config"] == {"resolution": 64, "num_embeddings": 128}  # not edited
+    assert adapter.image_grid == (16, 16) and adapter.num_layers == 2
+    assert adapter.codebook_size == 128 and adapter.image_token_ids.unique().numel() == 128
+    vocab = adapter.tokenizer.get_vocab()
+    assert adapter.model.config.vocabulary_map == vocab
+    assert len(vocab) == adapter.text_vocab_size == adapter.model.config.vocab_size
+    codes = adapter.tokenize_images(torch.rand(1, 3, 64, 64))
+    assert codes.shape == (1, 256) and codes.min() >= 0 and codes.max() < 128
+    assert ChameleonAdapter.tiny(image_size=16, num_hidden_layers=1).image_grid == (4, 4)

@@ -108,10 +108,11 @@ class ChameleonAdapter(BackboneAdapter):
             )
             self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
         else:
-            codebook = int(overrides.get("vq_config", {}).get("num_embeddings", 256))
-            overrides.setdefault("vq_config", {})["resolution"] = int(
-                overrides.pop("image_size", 32)
-            )
+            vq = dict(overrides.pop("vq_config", {}))  # a copy: never edit the caller's dict
+            if "image_size" in overrides:
+                vq["resolution"] = int(overrides.pop("image_size"))
+            overrides["vq_config"] = vq
+            codebook = int(vq.get("num_embeddings", 256))
             visual = [image_token_name(i) for i in range(codebook)]
             self.tokenizer = build_word_tokenizer([IMAGE, BOI, EOI, mask_token, *visual])
             config = tiny_config(self.tokenizer.get_vocab(), codebook, **overrides)
