@@ -95,12 +95,17 @@ class ShapesWorld:
 
     def _object(self, rng: random.Random, cell: int) -> dict:
         row, col = divmod(cell, self.grid)
+        shape = rng.choice(self.shapes)  # shape before colour: the world's random stream
+        return self.place(shape, rng.choice(self.colours), row, col)
+
+    def place(self, shape: str, colour: str, row: int, col: int) -> dict:
+        """The object ``shape`` of ``colour`` in cell ``(row, col)``: centre, box and name."""
         cx = int((col + 0.5) * self._cell)  # pixel column of the centre
         cy = int((row + 0.5) * self._cell)
         r = max(1, int(self._cell * 0.35))  # half extent
         return {
-            "shape": rng.choice(self.shapes),
-            "colour": rng.choice(self.colours),
+            "shape": shape,
+            "colour": colour,
             "cell": [row, col],
             "position": cell_name(row, col, self.grid),
             "center": [cx, cy],

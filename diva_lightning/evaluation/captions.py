@@ -1,0 +1,99 @@
+"""Shapes-world captions: parsing generated text into objects, and one-attribute distractors.
+
+Captions follow ``ShapesWorld.describe``: ``"a red circle at the top left, a blue square at the
+center and a green diamond at the bottom right."``. ``parse_caption`` reads decoded model text
+leniently (any spacing around punctuation, ``a``/``an``): every ``a|an ... at the ...`` part is
+one predicted object; a colour, shape or position word outside the world's vocabulary makes
+that attribute ``None`` (scored wrong), never an exception.
+
+``distractors`` builds the multiple-choice alternatives of a true caption: each differs from it
+in exactly one attribute (colour, shape or position of one object, or the object count).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from diva_lightning.data.shapes import ShapesWorld, cell_name
+
+DISTRACTOR_KINDS = ("colour", "shape", "position", "count")
+_PART = re.compile(r"^an?\s+(?P<colour>\S+)\s+(?P<shape>\S+)\s+at\s+the\s+(?P<where>.+)$")
+
+
+def position_cells(world: ShapesWorld) -> dict[str, tuple[int, int]]:
+    """Position phrase -> (row, col) of every cell of the world's grid."""
+    return {
+        cell_name(row, col, world.grid): (row, col)
+        for row in range(world.grid)
+        for col in range(world.grid)
+    }
+
+
+def parse_caption(text: str, world: ShapesWorld) -> list[dict]:
+    """Decoded caption -> objects ``{shape, colour, cell, position}`` (None where unknown)."""
+    cells = position_cells(world)
+    sentence = text.lower().split(".")[0]  # the first sentence: text after it is ignored
+    parts = re.split(r"\s*,\s*|\s+and\s+", sentence.strip())
+    objects = []
+    for part in parts:
+        match = _PART.match(part.strip())
+        if match is None:
+            continue
+        where = " ".join(match["where"].split())
+        cell = cells.get(where)
+        objects.append(
+            {
+                "colour": match["colour"] if match["colour"] in world.colours else None,
+                "shape": match["shape"] if match["shape"] in world.shapes else None,
+                "cell": list(cell) if cell else None,
+                "position": where if cell else None,
+            }
+        )
+    return objects
+
+
+def _empty_cells(objects: list[dict], world: ShapesWorld) -> list[tuple[int, int]]:
+    taken = {tuple(o["cell"]) for o in objects}
+    every = [(r, c) for r in range(world.grid) for c in range(world.grid)]
+    return [cell for cell in every if cell not in taken]
+
+
+def _other(options, current, rng: random.Random):
+    return rng.choice([o for o in options if o != current])
+
+
+def distractor(objects: list[dict], kind: str, world: ShapesWorld, rng: random.Random) -> str:
+    """The caption of ``objects`` with exactly one attribute changed (``kind``)."""
+    objs = [dict(o) for o in objects]
+    target = rng.randrange(len(objs))
+    if kind == "colour":
+        objs[target]["colour"] = _other(world.colours, objs[target]["colour"], rng)
+    elif kind == "shape":
+        objs[target]["shape"] = _other(world.shapes, objs[target]["shape"], rng)
+    elif kind == "position":
+        row, col = rng.choice(_empty_cells(objs, world))
+        objs[target] = world.place(objs[target]["shape"], objs[target]["colour"], row, col)
+    elif kind == "count":
+        empty = _empty_cells(objs, world)
+        can_add = len(objs) < world.max_objects and empty
+        can_remove = len(objs) > world.min_objects
+        if not (can_add or can_remove):
+            raise ValueError(f"no count distractor for {len(objs)} objects in this world")
+        if can_remove and (not can_add or rng.random() < 0.5):
+            objs.pop(target)
+        else:
+            row, col = rng.choice(empty)
+            objs.append(world.place(rng.choice(world.shapes), rng.choice(world.colours), row, col))
+    else:
+        raise ValueError(f"distractor kind must be one of {DISTRACTOR_KINDS}, got {kind!r}")
+    objs.sort(key=lambda o: tuple(o["cell"]))  # captions list objects in cell order
+    return world.describe(objs)
+
+
+def distractors(
+    objects: list[dict], world: ShapesWorld, seed: int, kinds=DISTRACTOR_KINDS
+) -> dict[str, str]:
+    """One distractor caption per kind, seeded (``seed`` should identify the sample)."""
+    rng = random.Random(seed)
+    return {kind: distractor(objects, kind, world, rng) for kind in kinds}

@@ -1,0 +1,131 @@
+"""Decoding through the adapter contract: captions, caption likelihoods, image generation.
+
+Only ``build_understanding`` / ``build_generation`` / ``forward_flow`` are used, so every
+backbone adapter gets these for free:
+
+* ``caption_log_likelihood``: sum of the caption's token log-probabilities (the caption's
+  ``</s>`` included) under the understanding flow: the multiple-choice score.
+* ``greedy_captions``: greedy decoding. The understanding flow scores the slot after the
+  caption (its end-of-text slot), so the logits of a sample's last supervised slot are the
+  next-token distribution after the partial caption. Partial captions go back through the
+  tokenizer as text (exact for the tiny word-level tokenizer; real BPE tokenizers round-trip
+  ``decode`` -> encode on ordinary text). No KV cache: one full forward per token.
+* ``maskgit_generate``: text-to-image through the generation (inpainting) flow, starting from a
+  fully masked grid (MaskGIT, Chang et al. 2022): each step predicts every masked code, keeps the
+  most confident ones and leaves ``floor(N cos(pi/2 * (s+1)/steps))`` masked (cosine schedule);
+  ``order="raster"`` fills the grid left to right, one code per step (autoregressive order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diva_lightning.backbones.base import IGNORE_INDEX, BackboneAdapter
+
+
+def _device(adapter: BackboneAdapter) -> torch.device:
+    return next(adapter.parameters()).device
+
+
+def _token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits (B, S, V), targets (B, S) -> log p(target) (B, S), 0 at padding."""
+    valid = targets != IGNORE_INDEX
+    log_probs = logits.float().log_softmax(-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+@torch.no_grad()
+def caption_log_likelihood(
+    adapter: BackboneAdapter,
+    prompts: Sequence[str],
+    captions: Sequence[str],
+    codes: Tensor | None = None,
+    pixels: Tensor | None = None,
+) -> Tensor:
+    """log p(caption | image, prompt) per sample, (B,)."""
+    batch = adapter.build_understanding(prompts, captions, codes=codes, pixels=pixels)
+    out = adapter.forward_flow(batch.to(_device(adapter)), "U")
+    return _token_log_probs(out.logits, out.targets).sum(1)
+
+
+@torch.no_grad()
+def greedy_captions(
+    adapter: BackboneAdapter,
+    prompts: Sequence[str],
+    codes: Tensor | None = None,
+    pixels: Tensor | None = None,
+    max_tokens: int = 48,
+) -> list[str]:
+    """Greedy captions of B images; stops at the tokenizer's end-of-text token."""
+    tokenizer, device = adapter.tokenizer, _device(adapter)
+    eos = tokenizer.eos_token_id
+    tokens: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_tokens):
+        texts = [tokenizer.decode(t) for t in tokens]
+        batch = adapter.build_understanding(prompts, texts, codes=codes, pixels=pixels)
+        out = adapter.forward_flow(batch.to(device), "U")
+        last = (out.targets != IGNORE_INDEX).sum(1) - 1  # (B,) the slot after the caption
+        next_ids = out.logits[torch.arange(len(last)), last].argmax(-1).tolist()
+        for i, token in enumerate(next_ids):
+            if done[i]:
+                continue
+            if token == eos:
+                done[i] = True
+            else:
+                tokens[i].append(token)
+        if all(done):
+            break
+    return [tokenizer.decode(t) for t in tokens]
+
+
+def _keep_masked(step: int, steps: int, n: int) -> int:
+    """Codes still masked after ``step`` (0-based) of ``steps`` (cosine schedule)."""
+    return int(math.floor(n * math.cos(math.pi / 2 * (step + 1) / steps)))
+
+
+@torch.no_grad()
+def maskgit_generate(
+    adapter: BackboneAdapter,
+    captions: Sequence[str],
+    steps: int = 8,
+    order: str = "confidence",
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Image codes (B, N) for ``captions``; greedy when ``temperature`` is 0."""
+    if order not in ("confidence", "raster"):
+        raise ValueError(f"order must be 'confidence' or 'raster', got {order!r}")
+    n, device = adapter.tokens_per_image, _device(adapter)
+    steps = n if order == "raster" else steps
+    codes = torch.zeros(len(captions), n, dtype=torch.long)
+    masked = torch.ones(len(captions), n, dtype=torch.bool)
+    for step in range(steps):
+        batch = adapter.build_generation(captions, codes, masked)
+        logits = adapter.forward_flow(batch.to(device), "G").logits.float().cpu()  # (B, S, K)
+        for i in range(len(captions)):
+            where = masked[i].nonzero().flatten()  # grid index of each slot, row-major
+            probs = logits[i, : len(where)].softmax(-1)  # (M, K)
+            if temperature > 0:
+                scaled = (logits[i, : len(where)] / temperature).softmax(-1)
+                picked = torch.multinomial(scaled, 1, generator=generator).squeeze(-1)
+            else:
+                picked = probs.argmax(-1)
+            confidence = probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1)  # (M,)
+            keep = n - step - 1 if order == "raster" else _keep_masked(step, steps, n)
+            reveal = max(1, len(where) - keep)
+            chosen = (
+                torch.arange(reveal)
+                if order == "raster"
+                else confidence.argsort(descending=True)[:reveal]
+            )
+            codes[i, where[chosen]] = picked[chosen]
+            masked[i, where[chosen]] = False
+        if not masked.any():
+            break
+    return codes
