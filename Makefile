@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-data clean
+.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-data bench-mini clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -56,3 +56,7 @@ clean: ## remove caches and run outputs
 
 bench-data: ## data loading samples/s: decoded-JPEG vs pre-tokenised shards (synthetic world)
 	$(PY) benchmarks/bench_data.py
+
+MODE ?= full
+bench-mini: ## DIVA-mini, the paper's Table 2 protocol on the shapes world: MODE=full (3 seeds) or MODE=quick
+	$(PY) -m benchmarks.mini.run --mode $(MODE) --out runs/mini

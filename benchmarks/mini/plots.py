@@ -1,0 +1,108 @@
+"""DIVA-mini plots: validation curves of both flows per arm (paper Fig. 6 style), the headline
+metrics with seed spread, and generated samples next to the ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+FLOWS = [
+    ("val/loss_und", "understanding (caption) loss"),
+    ("val/loss_gen", "generation (inpainting) loss"),
+]
+
+
+def _arm_curves(results: dict, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """arm -> (steps, values (seeds, steps)), the base's validation as step 0."""
+    grouped: dict[str, list] = {}
+    for run in results["runs"]:
+        points = run["curves"].get(name) if run["curves"] else None
+        if points:
+            grouped.setdefault(run["arm"], []).append([(0, results["base_val"][name]), *points])
+    out = {}
+    for arm, seeds in grouped.items():
+        length = min(len(s) for s in seeds)
+        steps = np.array([p[0] for p in seeds[0][:length]])
+        out[arm] = (steps, np.array([[p[1] for p in s[:length]] for s in seeds]))
+    return out
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colours = {}
+    for ax, (name, title) in zip(axes[:2], FLOWS, strict=True):
+        for arm, (steps, values) in _arm_curves(results, name).items():
+            (line,) = ax.plot(steps, values.mean(0), label=arm, color=colours.get(arm))
+            colours[arm] = line.get_color()
+            if len(values) > 1:
+                ax.fill_between(
+                    steps, values.min(0), values.max(0), alpha=0.15, color=line.get_color()
+                )
+        ax.axhline(results["base_val"][name], color="grey", linestyle="--", label="Base")
+        ax.set(title=f"validation {title}", xlabel="post-training step", ylabel="loss")
+    for run in results["runs"]:
+        curves = run["curves"]
+        if curves and curves.get("val/loss_und") and curves.get("val/loss_gen"):
+            x, y = curves["val/loss_und"][-1][1], curves["val/loss_gen"][-1][1]
+            axes[2].scatter(x, y, color=colours.get(run["arm"]), s=25)
+    axes[2].scatter(results["base_val"]["val/loss_und"], results["base_val"]["val/loss_gen"],
+                    color="grey", marker="x", s=50)  # fmt: skip
+    axes[2].set(title="final losses, one point per seed (x: Base)", xlabel="understanding loss",
+                ylabel="generation loss")  # fmt: skip
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics(table: dict, columns: list[tuple[str, str]], path: Path) -> None:
+    arms = list(table)
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    width = 0.8 / len(arms)
+    x = np.arange(len(columns))
+    for i, arm in enumerate(arms):
+        means = [table[arm][k]["mean"] for k, _ in columns]
+        stds = [table[arm][k]["std"] or 0.0 for k, _ in columns]
+        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=arm)
+    ax.set_xticks(x + 0.4 - width / 2, [title for _, title in columns], fontsize=8)
+    ax.set(
+        ylabel="score (higher is better)",
+        ylim=(0, 1.05),
+        title="held-out metrics, mean ± std over seeds",
+    )
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_samples(results: dict, truth, captions, path: Path, columns: int = 8) -> None:
+    """Generated images of the first held-out captions: ground truth, then one row per arm
+    (its first seed)."""
+    rows = [r for r in results["runs"] if r["seed"] in (None, min(results["config"]["seeds"]))]
+    grid = [("ground truth", truth)]
+    grid += [(r["arm"], torch.load(Path(r["folder"]) / "samples.pt")) for r in rows]
+    columns = min(columns, len(truth), *(len(p) for _, p in grid))
+    fig, axes = plt.subplots(
+        len(grid), columns, figsize=(1.6 * columns, 1.7 * len(grid)), squeeze=False
+    )
+    for r, (name, pixels) in enumerate(grid):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.imshow(pixels[c].permute(1, 2, 0).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if r == 0:
+                ax.set_title(
+                    captions[c].replace(" and ", "\nand ").replace(", ", ",\n"), fontsize=5
+                )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""DIVA-mini training: base pre-training and the post-training arms, on the library's own
+stages (``Stage1``, ``Stage2``, ``SFT``), data module and Lightning ``Trainer``.
+
+Every run validates on the same reference loader (the validation shards with the paper's
+dispersed 0.2..0.6 masks, fixed per sample), whatever masks the arm trains with, so the loss
+curves of all arms are comparable. A base checkpoint is written to a temporary directory and
+renamed into place: an interrupted run never leaves a half-written base behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning as L
+import transformers
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from benchmarks.mini.config import ARMS, MiniConfig
+from benchmarks.mini.data import IMAGE_SIZE, PATCH
+from diva_lightning.backbones.emu3 import Emu3Adapter
+from diva_lightning.data import DualFlowDataModule
+from diva_lightning.stages import SFT, Stage1, Stage2
+from diva_lightning.stages.base import DualFlowModule
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*number of training batches.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen VQ
+warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # stage 1 runs without
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+transformers.utils.logging.disable_progress_bar()
+
+
+def loaders(cfg: MiniConfig, shards: dict, seed: int, steps: int, mask, mask_pattern="dispersed"):
+    """(train loader of this arm, reference validation loader)."""
+    side = IMAGE_SIZE // PATCH
+    facts = dict(image_size=IMAGE_SIZE, image_grid=(side, side), codebook_size=cfg.codebook_size)
+
+    def module(low_high, pattern, seed):
+        data = DualFlowDataModule(
+            train_shards=str(shards["train"]), val_shards=str(shards["val"]),
+            batch_size=cfg.batch_size, num_workers=0, samples_per_epoch=steps * cfg.batch_size,
+            shuffle_buffer=512, seed=seed, mask_ratio_min=low_high[0], mask_ratio_max=low_high[1],
+            mask_pattern=pattern, use_codes=True, **facts,
+        )  # fmt: skip
+        data.setup("fit")
+        return data
+
+    train = module(mask, mask_pattern, seed).make_loader("train")
+    val = module(cfg.post_mask, "dispersed", 0).make_loader("val")
+    return train, val
+
+
+def fit(module: DualFlowModule, cfg: MiniConfig, out: Path, steps: int, train, val=None) -> Path:
+    """Fit ``module`` for ``steps`` optimizer steps; returns the CSV metrics file."""
+    loggers = [CSVLogger(out, name="", version=""), TensorBoardLogger(out, name="", version="tb")]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=loggers,
+        val_check_interval=cfg.val_every if val is not None else None,
+        check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches if val is not None else 0,
+        num_sanity_val_steps=0, gradient_clip_val=1.0, log_every_n_steps=10,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=out,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    return out / "metrics.csv"
+
+
+def validate(module: DualFlowModule, cfg: MiniConfig, val) -> dict[str, float]:
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, limit_val_batches=cfg.val_batches,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    (metrics,) = trainer.validate(module, dataloaders=val, verbose=False)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """CSV metrics -> {"val/loss_und": [(step, value), ...], "val/loss_gen": [...]}."""
+    curves: dict[str, list[tuple[int, float]]] = {"val/loss_und": [], "val/loss_gen": []}
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            for name, points in curves.items():
+                if row.get(name):
+                    points.append((int(row["step"]), float(row[name])))
+    return curves
+
+
+class Pretrain(DualFlowModule):
+    """Base UMM pre-training from scratch: every weight but the VQ, both native losses."""
+
+    def __init__(self, backbone, lr: float = 1e-3, warmup_steps: int = 50):
+        super().__init__(backbone, middle_layers=(1, 1), lr=lr, warmup_steps=warmup_steps)
+
+    def configure_trainable(self) -> None:
+        self.backbone.requires_grad_(True)
+        self.backbone.vq.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx: int):
+        out_u, out_g = self.run_flows(batch, layers=())
+        loss = self.native_loss(out_u, out_g)
+        terms = {"loss": loss, "loss_und": out_u.loss, "loss_gen": out_g.loss}
+        self.log_terms("train", terms, len(batch.keys))
+        return self.guard_nonfinite(loss)
+
+
+def tiny_emu3(cfg: MiniConfig) -> Emu3Adapter:
+    """The base architecture: Emu3 with a ``hidden_size`` x ``num_layers`` LM (random init)."""
+    text = dict(
+        hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+    )  # fmt: skip
+    return Emu3Adapter.tiny(text_config=text, vq_config={"codebook_size": cfg.codebook_size})
+
+
+def pretrain_base(cfg: MiniConfig, shards: dict, target: Path) -> dict:
+    """Pre-train the base and write it to ``target`` (atomically); returns its curves."""
+    L.seed_everything(0, verbose=False)
+    module = Pretrain(tiny_emu3(cfg), lr=cfg.pretrain_lr, warmup_steps=cfg.pretrain_steps // 10)
+    train, val = loaders(cfg, shards, 0, cfg.pretrain_steps, cfg.pretrain_mask)
+    work = target.with_name(target.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    metrics = fit(module, cfg, work / "logs", cfg.pretrain_steps, train, val)
+    module.backbone.save_pretrained(work / "model")
+    work.rename(target)
+    return read_curves(target / "logs" / metrics.name)
+
+
+def stage1_module(cfg: MiniConfig, spec: dict, base: Path, encoders: Path) -> Stage1:
+    return Stage1(
+        Emu3Adapter.from_pretrained(base), middle_layers=cfg.middle_layers,
+        shared_dim=cfg.factor_dim, readout_rank=cfg.readout_rank,
+        shared_only_steps=cfg.shared_only_steps, export_dir=str(encoders), lr=cfg.stage1_lr,
+        warmup_steps=cfg.stage1_steps // 10, **spec.get("stage1", {}),
+    )  # fmt: skip
+
+
+def stage2_module(cfg: MiniConfig, spec: dict, base: Path, encoders: Path) -> Stage2:
+    options = dict(
+        tau=cfg.tau, lambda_sha=cfg.lambda_sha, lambda_uni=cfg.lambda_uni,
+        ramp_steps=max(1, int(cfg.ramp_fraction * cfg.post_steps)),
+        critic_hidden=cfg.critic_hidden, critic_lr=cfg.critic_lr,
+    )  # fmt: skip
+    options.update(spec.get("stage2", {}))
+    return Stage2(
+        Emu3Adapter.from_pretrained(base), stage1_encoders=str(encoders),
+        middle_layers=cfg.middle_layers, trainable_layers=cfg.middle_layers, lr=cfg.post_lr,
+        warmup_steps=cfg.post_warmup, **options,
+    )  # fmt: skip
+
+
+def post_train(cfg: MiniConfig, arm: str, seed: int, base: Path, shards: dict, out: Path):
+    """Post-train the base with ``arm`` -> (trained adapter, validation curves)."""
+    spec = ARMS[arm]
+    L.seed_everything(seed, verbose=False)
+    data = spec.get("data", {})
+    train, val = loaders(cfg, shards, seed, cfg.post_steps, cfg.post_mask, **data)
+    if spec["kind"] == "sft":
+        module = SFT(
+            Emu3Adapter.from_pretrained(base), middle_layers=cfg.middle_layers,
+            trainable_layers=cfg.middle_layers, lr=cfg.post_lr, warmup_steps=cfg.post_warmup,
+        )  # fmt: skip
+    else:  # stage 1 (its own data order) writes the encoders stage 2 loads
+        encoders = out / "stage1_encoders"
+        stage1_train, _ = loaders(cfg, shards, seed + 1000, cfg.stage1_steps, cfg.post_mask, **data)
+        fit(
+            stage1_module(cfg, spec, base, encoders),
+            cfg,
+            out / "stage1",
+            cfg.stage1_steps,
+            stage1_train,
+        )
+        module = stage2_module(cfg, spec, base, encoders)
+        out = out / "stage2"
+    metrics = fit(module, cfg, out, cfg.post_steps, train, val)
+    return module.backbone, read_curves(metrics)

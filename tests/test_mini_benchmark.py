@@ -1,0 +1,104 @@
+"""DIVA-mini: the patch tokenizer, the held-out set, and the whole pipeline in smoke mode."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from benchmarks.mini.config import ARMS, MiniConfig, quick, smoke
+from benchmarks.mini.data import TRAIN_SEED, eval_set, render
+from benchmarks.mini.report import paired
+from benchmarks.mini.run import run
+from benchmarks.mini.tokenizer import PatchTokenizer
+from diva_lightning.data.shapes import ShapesWorld
+
+
+@pytest.fixture(scope="module")
+def images():
+    return render(ShapesWorld(seed=TRAIN_SEED), range(64))
+
+
+def test_tokenizer_is_lossless_with_enough_codes(images):
+    tokenizer = PatchTokenizer(codebook_size=1024)
+    stats = tokenizer.fit(images, iterations=5)
+    assert stats["distinct_blocks"] <= 1024
+    codes = tokenizer.tokenize_images(images)
+    assert codes.shape == (64, 64)
+    torch.testing.assert_close(tokenizer.decode_images(codes), images)
+
+
+def test_small_codebook_is_lossy_and_k_means_helps(images):
+    tokenizer = PatchTokenizer(codebook_size=8)
+    tokenizer.fit(images, iterations=0)
+    seeded = (tokenizer.decode_images(tokenizer.tokenize_images(images)) - images).pow(2).mean()
+    tokenizer.fit(images, iterations=10)
+    fitted = (tokenizer.decode_images(tokenizer.tokenize_images(images)) - images).pow(2).mean()
+    assert 0 < fitted < seeded
+
+
+def test_tokenizer_save_load_and_errors(images, tmp_path):
+    tokenizer = PatchTokenizer(codebook_size=32)
+    tokenizer.fit(images, iterations=2)
+    tokenizer.save(tmp_path / "tok.pt")
+    again = PatchTokenizer.load(tmp_path / "tok.pt")
+    assert torch.equal(again.tokenize_images(images), tokenizer.tokenize_images(images))
+    with pytest.raises(ValueError, match="pixels must be"):
+        tokenizer.tokenize_images(images[:, :, :16])
+    with pytest.raises(ValueError, match="codes must be"):
+        tokenizer.decode_images(torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple"):
+        PatchTokenizer(image_size=30, patch=4)
+
+
+def test_held_out_captions_never_occur_in_training():
+    cfg = replace(MiniConfig(), train_samples=2000, eval_samples=200)
+    tokenizer = PatchTokenizer(codebook_size=16)
+    data = eval_set(cfg, tokenizer)
+    world = ShapesWorld(seed=TRAIN_SEED)
+    seen = {world.describe(world.objects(i)) for i in range(cfg.train_samples)}
+    assert len(data) == 200 and not seen & set(data.captions)
+    assert data.codes.shape == (200, 64)
+
+
+def test_modes_share_the_base_and_differ_in_post_training():
+    assert quick().base_key() == MiniConfig().base_key()
+    assert quick().post_steps < MiniConfig().post_steps and len(quick().seeds) == 1
+    assert replace(MiniConfig(), pretrain_steps=10).base_key() != MiniConfig().base_key()
+
+
+def test_paired_comparison_known_answer():
+    runs = [
+        {"arm": arm, "seed": s, "metrics": {"m": value}}
+        for arm, values in (("A", [0.5, 0.6, 0.7]), ("B", [0.4, 0.4, 0.4]))
+        for s, value in enumerate(values)
+    ]
+    result = paired(runs, "A", "B", ["m"])["m"]
+    assert result["mean"] == pytest.approx(0.2) and result["std"] == pytest.approx(0.1)
+    assert result["t"] == pytest.approx(0.2 / (0.1 / 3**0.5))
+    assert result["outside_seed_noise"] is (result["t"] > 4.303)
+
+
+def test_smoke_pipeline_end_to_end(tmp_path):
+    cfg = smoke()
+    results = run(cfg, tmp_path)
+    out = tmp_path / "smoke"
+    table = (out / "table.md").read_text()
+    for arm in cfg.arms:
+        assert f"| {arm} |" in table
+    assert "Base+DIVA vs Base+SFT" in table and "Gradients on the trainable blocks" in table
+    gradients = json.loads((out / "gradients.json").read_text())
+    assert gradients["native_norm"] > 0 and gradients["alignment_norm"] > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in saved["runs"]} == set(cfg.arms)
+    trained = [r for r in saved["runs"] if ARMS[r["arm"]]["kind"] != "base"]
+    assert all(len(r["curves"]["val/loss_und"]) == cfg.post_steps // cfg.val_every for r in trained)
+    assert saved["ceiling"]["ground_truth"]["object"] == 1.0
+    for name in ("curves.png", "metrics.png", "samples.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "pretrain" in results["wall_s"] and results["reused"] == 0
+    more = replace(cfg, arms=(*cfg.arms, "w/o L_uni"))
+    again = run(more, tmp_path)  # base cached, finished runs reused: only the new arm trains
+    assert "pretrain" not in again["wall_s"]
+    assert again["reused"] == len(cfg.arms)
+    assert {r["arm"] for r in again["runs"]} == set(more.arms)
