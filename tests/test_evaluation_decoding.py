@@ -71,6 +71,27 @@ def test_greedy_captions_equal_an_argmax_loop_over_raw_ids(captions):
         assert got[i] == expected and len(got[i].split()) == 5
 
 
+def test_finished_captions_leave_the_batch_without_changing_the_others():
+    torch.manual_seed(3)
+    adapter = Emu3Adapter.tiny()
+    adapter.eval()
+    vocab = adapter.tokenizer.get_vocab()
+    words = [vocab[w] for w in ("a", "red", "blue", "circle", "square", "at", "the", "</s>")]
+    with torch.no_grad():  # a few words and </s> compete, so captions end at different steps
+        keep = adapter.model.lm_head.weight[words].clone()
+        adapter.model.lm_head.weight.zero_()
+        adapter.model.lm_head.weight[words] = keep * 20
+    codes = torch.randint(0, adapter.codebook_size, (6, adapter.tokens_per_image))
+    together = greedy_captions(adapter, [PROMPT] * 6, codes=codes, max_tokens=8)
+    alone = [
+        greedy_captions(adapter, [PROMPT], codes=codes[i : i + 1], max_tokens=8)[0]
+        for i in range(6)
+    ]
+    assert together == alone
+    lengths = {len(c.split()) for c in together}
+    assert len(lengths) > 1 and min(lengths) < 8  # some finished early, others went on
+
+
 def test_one_step_generation_is_the_argmax_of_a_fully_masked_forward(adapter, captions):
     codes = maskgit_generate(adapter, captions, steps=1)
     n = adapter.tokens_per_image

@@ -6,11 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from benchmarks.mini.backbone import build_base
 from benchmarks.mini.config import ARMS, MiniConfig, quick, smoke
-from benchmarks.mini.data import TRAIN_SEED, eval_set, render
+from benchmarks.mini.data import PROMPT, TRAIN_SEED, eval_set, render
 from benchmarks.mini.report import paired
 from benchmarks.mini.run import run
 from benchmarks.mini.tokenizer import PatchTokenizer
+from diva_lightning.backbones.base import IGNORE_INDEX
 from diva_lightning.data.shapes import ShapesWorld
 
 
@@ -59,6 +61,24 @@ def test_held_out_captions_never_occur_in_training():
     seen = {world.describe(world.objects(i)) for i in range(cfg.train_samples)}
     assert len(data) == 200 and not seen & set(data.captions)
     assert data.codes.shape == (200, 64)
+
+
+def test_show_o_text_slots_hold_the_prompt_and_the_longest_caption():
+    cfg = replace(MiniConfig(), hidden_size=16, num_layers=1)
+    adapter = build_base(cfg)
+    assert adapter.codebook_size == cfg.codebook_size and adapter.image_grid == (8, 8)
+    world = ShapesWorld()
+    longest = world.describe(
+        [world.place("triangle", "yellow", r, c) for r, c in ((0, 0), (1, 2), (2, 2))]
+    )  # three objects at two-word cells: the most words a caption has
+    codes = torch.zeros(1, 64, dtype=torch.long)
+    flow_u = adapter.build_understanding([PROMPT], [longest], codes=codes)
+    caption_tokens = len(adapter.tokenizer(longest, add_special_tokens=False).input_ids)
+    assert int((flow_u.labels != IGNORE_INDEX).sum()) == caption_tokens + 1  # + </s>, not cut
+    flow_g = adapter.build_generation([longest], codes, torch.ones_like(codes, dtype=torch.bool))
+    assert int((flow_g.labels != IGNORE_INDEX).sum()) == 64
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_base(replace(cfg, codebook_size=500))
 
 
 def test_modes_share_the_base_and_differ_in_post_training():

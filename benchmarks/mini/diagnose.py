@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.mini.config import MODES, MiniConfig, arm_folder
-from benchmarks.mini.train import loaders
-from diva_lightning.backbones.emu3 import Emu3Adapter
+from benchmarks.mini.backbone import load_base
+from benchmarks.mini.config import ARMS, MODES, MiniConfig
+from benchmarks.mini.train import loaders, stage1_key
 from diva_lightning.stages import Stage2
 
 
@@ -58,9 +58,9 @@ def diagnose(cfg: MiniConfig, run_dir: Path, batches: int = 8, seed: int = 0) ->
     """Average ``term_gradients`` over ``batches`` training batches -> ``gradients.json``."""
     root = run_dir.parent / f"base-{cfg.base_key()}"
     base = root / "base" / "model"
-    encoders = run_dir / arm_folder("Base+DIVA") / f"seed{seed}" / "stage1_encoders"
+    encoders = run_dir / stage1_key(ARMS["Base+DIVA"]) / f"seed{seed}" / "stage1_encoders"
     module = Stage2(
-        Emu3Adapter.from_pretrained(base), stage1_encoders=str(encoders),
+        load_base(cfg, base), stage1_encoders=str(encoders),
         middle_layers=cfg.middle_layers, tau=cfg.tau, critic_hidden=cfg.critic_hidden,
     )  # fmt: skip
     module.configure_trainable()

@@ -23,6 +23,8 @@ from diva_lightning.evaluation.decoding import (
 from diva_lightning.evaluation.detector import ShapesDetector
 from diva_lightning.evaluation.scores import multiple_choice_scores, object_scores
 
+MAX_CAPTION_TOKENS = 32  # the longest caption of the world is 24 tokens (+ </s>)
+
 
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
@@ -43,7 +45,7 @@ def understanding(adapter: BackboneAdapter, data: EvalSet, batch: int) -> tuple[
     choices = [distractors(o, data.world, seed=i) for i, o in enumerate(data.objects)]
     for part in _chunks(len(data), batch):
         codes, prompts = data.codes[part], [PROMPT] * (part.stop - part.start)
-        captions += greedy_captions(adapter, prompts, codes=codes)
+        captions += greedy_captions(adapter, prompts, codes=codes, max_tokens=MAX_CAPTION_TOKENS)
         true_ll += caption_log_likelihood(
             adapter, prompts, data.captions[part], codes=codes
         ).tolist()

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks.mini.backbone import load_base
 from benchmarks.mini.config import ARMS, MODES, MiniConfig, arm_folder
 from benchmarks.mini.data import build_tokenizer, eval_set, write_shards
 from benchmarks.mini.diagnose import diagnose, gradient_table
 from benchmarks.mini.evaluate import evaluate, tokenizer_ceiling
 from benchmarks.mini.report import write_report
 from benchmarks.mini.train import loaders, post_train, pretrain_base, read_curves, validate
-from diva_lightning.backbones.emu3 import Emu3Adapter
 from diva_lightning.stages import SFT
 
 
@@ -69,7 +69,7 @@ def prepare_base(cfg: MiniConfig, out: Path, clock: Clock) -> dict:
 def base_validation(cfg: MiniConfig, setup: dict) -> dict[str, float]:
     """Validation losses of the base on the reference loader (the curves' step 0)."""
     _, val = loaders(cfg, setup["shards"], 0, 1, cfg.post_mask)
-    module = SFT(Emu3Adapter.from_pretrained(setup["base"]), middle_layers=cfg.middle_layers)
+    module = SFT(load_base(cfg, setup["base"]), middle_layers=cfg.middle_layers)
     return validate(module, cfg, val)
 
 
@@ -121,7 +121,7 @@ def one_run(cfg: MiniConfig, arm: str, seed, setup: dict, folder: Path, clock: C
     folder = folder / f"seed{seed}"
     t, curves = time.perf_counter(), {}
     if arm == "Base":
-        adapter = Emu3Adapter.from_pretrained(setup["base"])
+        adapter = load_base(cfg, setup["base"])
     else:
         adapter, curves = post_train(cfg, arm, seed, setup["base"], setup["shards"], folder)
     t = clock.lap("post-train", t)

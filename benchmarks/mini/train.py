@@ -10,6 +10,8 @@ renamed into place: an interrupted run never leaves a half-written base behind.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import shutil
 import warnings
@@ -19,9 +21,9 @@ import lightning as L
 import transformers
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from benchmarks.mini.backbone import build_base, load_base
 from benchmarks.mini.config import ARMS, MiniConfig
 from benchmarks.mini.data import IMAGE_SIZE, PATCH
-from diva_lightning.backbones.emu3 import Emu3Adapter
 from diva_lightning.data import DualFlowDataModule
 from diva_lightning.stages import SFT, Stage1, Stage2
 from diva_lightning.stages.base import DualFlowModule
@@ -108,20 +110,10 @@ class Pretrain(DualFlowModule):
         return self.guard_nonfinite(loss)
 
 
-def tiny_emu3(cfg: MiniConfig) -> Emu3Adapter:
-    """The base architecture: Emu3 with a ``hidden_size`` x ``num_layers`` LM (random init)."""
-    text = dict(
-        hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-    )  # fmt: skip
-    return Emu3Adapter.tiny(text_config=text, vq_config={"codebook_size": cfg.codebook_size})
-
-
 def pretrain_base(cfg: MiniConfig, shards: dict, target: Path) -> dict:
     """Pre-train the base and write it to ``target`` (atomically); returns its curves."""
     L.seed_everything(0, verbose=False)
-    module = Pretrain(tiny_emu3(cfg), lr=cfg.pretrain_lr, warmup_steps=cfg.pretrain_steps // 10)
+    module = Pretrain(build_base(cfg), lr=cfg.pretrain_lr, warmup_steps=cfg.pretrain_steps // 10)
     train, val = loaders(cfg, shards, 0, cfg.pretrain_steps, cfg.pretrain_mask)
     work = target.with_name(target.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
@@ -133,7 +125,7 @@ def pretrain_base(cfg: MiniConfig, shards: dict, target: Path) -> dict:
 
 def stage1_module(cfg: MiniConfig, spec: dict, base: Path, encoders: Path) -> Stage1:
     return Stage1(
-        Emu3Adapter.from_pretrained(base), middle_layers=cfg.middle_layers,
+        load_base(cfg, base), middle_layers=cfg.middle_layers,
         shared_dim=cfg.factor_dim, readout_rank=cfg.readout_rank,
         shared_only_steps=cfg.shared_only_steps, export_dir=str(encoders), lr=cfg.stage1_lr,
         warmup_steps=cfg.stage1_steps // 10, **spec.get("stage1", {}),
@@ -148,34 +140,58 @@ def stage2_module(cfg: MiniConfig, spec: dict, base: Path, encoders: Path) -> St
     )  # fmt: skip
     options.update(spec.get("stage2", {}))
     return Stage2(
-        Emu3Adapter.from_pretrained(base), stage1_encoders=str(encoders),
+        load_base(cfg, base), stage1_encoders=str(encoders),
         middle_layers=cfg.middle_layers, trainable_layers=cfg.middle_layers, lr=cfg.post_lr,
         warmup_steps=cfg.post_warmup, **options,
     )  # fmt: skip
 
 
-def post_train(cfg: MiniConfig, arm: str, seed: int, base: Path, shards: dict, out: Path):
-    """Post-train the base with ``arm`` -> (trained adapter, validation curves)."""
-    spec = ARMS[arm]
-    L.seed_everything(seed, verbose=False)
+def stage1_key(spec: dict) -> str:
+    """Folder name of a stage-1 run: arms whose stage 1 sees the same settings share it."""
+    overrides = {"data": spec.get("data", {}), "stage1": spec.get("stage1", {})}
+    blob = json.dumps(overrides, sort_keys=True)
+    return "stage1-" + hashlib.blake2b(blob.encode(), digest_size=4).hexdigest()
+
+
+def stage1_encoders(cfg: MiniConfig, spec: dict, seed: int, base: Path, shards: dict, root: Path):
+    """Train (or reuse) the stage-1 encoders of ``spec`` for ``seed`` -> their folder.
+
+    Stage 1 never touches the backbone and depends only on the data and Stage1 keys, so
+    "Base+DIVA", "w/o L_uni" and "w/o stop-grad" share one stage-1 run per seed. Written to a
+    temporary folder and renamed: an interrupted stage 1 is never reused.
+    """
+    folder = root / stage1_key(spec) / f"seed{seed}"
+    encoders = folder / "stage1_encoders"
+    if encoders.exists():
+        return encoders
+    work = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
     data = spec.get("data", {})
-    train, val = loaders(cfg, shards, seed, cfg.post_steps, cfg.post_mask, **data)
+    train, _ = loaders(cfg, shards, seed + 1000, cfg.stage1_steps, cfg.post_mask, **data)
+    module = stage1_module(cfg, spec, base, work / "stage1_encoders")
+    fit(module, cfg, work, cfg.stage1_steps, train)
+    (work / "overrides.json").write_text(json.dumps(spec, indent=1))
+    work.rename(folder)
+    return encoders
+
+
+def post_train(cfg: MiniConfig, arm: str, seed: int, base: Path, shards: dict, out: Path):
+    """Post-train the base with ``arm`` -> (trained adapter, validation curves).
+
+    ``out`` is ``<results>/<arm>/seed<k>``; stage-1 runs live in ``<results>/stage1-<key>``.
+    """
+    spec = ARMS[arm]
     if spec["kind"] == "sft":
+        L.seed_everything(seed, verbose=False)
         module = SFT(
-            Emu3Adapter.from_pretrained(base), middle_layers=cfg.middle_layers,
+            load_base(cfg, base), middle_layers=cfg.middle_layers,
             trainable_layers=cfg.middle_layers, lr=cfg.post_lr, warmup_steps=cfg.post_warmup,
         )  # fmt: skip
-    else:  # stage 1 (its own data order) writes the encoders stage 2 loads
-        encoders = out / "stage1_encoders"
-        stage1_train, _ = loaders(cfg, shards, seed + 1000, cfg.stage1_steps, cfg.post_mask, **data)
-        fit(
-            stage1_module(cfg, spec, base, encoders),
-            cfg,
-            out / "stage1",
-            cfg.stage1_steps,
-            stage1_train,
-        )
+    else:
+        L.seed_everything(seed, verbose=False)
+        encoders = stage1_encoders(cfg, spec, seed, base, shards, out.parent.parent)
+        L.seed_everything(seed, verbose=False)
         module = stage2_module(cfg, spec, base, encoders)
-        out = out / "stage2"
+    train, val = loaders(cfg, shards, seed, cfg.post_steps, cfg.post_mask, **spec.get("data", {}))
     metrics = fit(module, cfg, out, cfg.post_steps, train, val)
     return module.backbone, read_curves(metrics)

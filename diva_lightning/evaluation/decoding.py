@@ -61,25 +61,28 @@ def greedy_captions(
     pixels: Tensor | None = None,
     max_tokens: int = 48,
 ) -> list[str]:
-    """Greedy captions of B images; stops at the tokenizer's end-of-text token."""
+    """Greedy captions of B images; stops at the tokenizer's end-of-text token. Finished
+    captions leave the batch, so later steps only run the unfinished ones."""
     tokenizer, device = adapter.tokenizer, _device(adapter)
     eos = tokenizer.eos_token_id
     tokens: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    active = list(range(len(prompts)))  # samples still decoding
     for _ in range(max_tokens):
-        texts = [tokenizer.decode(t) for t in tokens]
-        batch = adapter.build_understanding(prompts, texts, codes=codes, pixels=pixels)
+        pick = torch.tensor(active)
+        batch = adapter.build_understanding(
+            [prompts[i] for i in active],
+            [tokenizer.decode(tokens[i]) for i in active],
+            codes=None if codes is None else codes[pick],
+            pixels=None if pixels is None else pixels[pick],
+        )
         out = adapter.forward_flow(batch.to(device), "U")
-        last = (out.targets != IGNORE_INDEX).sum(1) - 1  # (B,) the slot after the caption
+        last = (out.targets != IGNORE_INDEX).sum(1) - 1  # (A,) the slot after the caption
         next_ids = out.logits[torch.arange(len(last)), last].argmax(-1).tolist()
-        for i, token in enumerate(next_ids):
-            if done[i]:
-                continue
-            if token == eos:
-                done[i] = True
-            else:
+        for i, token in zip(active, next_ids, strict=True):
+            if token != eos:
                 tokens[i].append(token)
-        if all(done):
+        active = [i for i, token in zip(active, next_ids, strict=True) if token != eos]
+        if not active:
             break
     return [tokenizer.decode(t) for t in tokens]
 
