@@ -1,12 +1,12 @@
 """DIVA-mini: the paper's Table 2 protocol end to end on CPU, on the synthetic shapes world.
 
-    make bench-mini                 # full: 3 seeds per arm (about an hour on 2 CPU cores)
-    make bench-mini MODE=quick      # one seed, fewer steps (under 10 minutes)
+    make bench-mini                 # full: 3 seeds per arm (about 75 minutes on 2 CPU cores)
+    make bench-mini MODE=quick      # Base, SFT, DIVA; one seed, fewer steps (minutes)
     python -m benchmarks.mini.run --mode quick --out runs/mini
 
 Steps (cached under ``OUT/base-<hash>``: tokenizer, shards, base checkpoint):
 1. fit the patch tokenizer and report the detector's ceiling on reconstructed held-out images;
-2. write training and validation shards with codes; pre-train the base UMM (tiny Emu3);
+2. write training and validation shards with codes; pre-train the base UMM (tiny Show-o);
 3. post-train every arm x seed from that base (same data, steps and trainable layers);
 4. evaluate every model on the held-out set; write ``results.json``, ``table.md`` and plots.
 """
