@@ -10,7 +10,7 @@ from benchmarks.mini.backbone import build_base
 from benchmarks.mini.config import ARMS, MiniConfig, quick, smoke
 from benchmarks.mini.data import PROMPT, TRAIN_SEED, eval_set, render
 from benchmarks.mini.report import paired
-from benchmarks.mini.run import run
+from benchmarks.mini.run import main, run
 from benchmarks.mini.tokenizer import PatchTokenizer
 from diva_lightning.backbones.base import IGNORE_INDEX
 from diva_lightning.data.shapes import ShapesWorld
@@ -61,6 +61,8 @@ def test_held_out_captions_never_occur_in_training():
     seen = {world.describe(world.objects(i)) for i in range(cfg.train_samples)}
     assert len(data) == 200 and not seen & set(data.captions)
     assert data.codes.shape == (200, 64)
+    fewer = eval_set(replace(cfg, eval_samples=50), tokenizer)  # quick mode: a prefix
+    assert fewer.captions == data.captions[:50]
 
 
 def test_show_o_text_slots_hold_the_prompt_and_the_longest_caption():
@@ -81,10 +83,13 @@ def test_show_o_text_slots_hold_the_prompt_and_the_longest_caption():
         build_base(replace(cfg, codebook_size=500))
 
 
-def test_modes_share_the_base_and_differ_in_post_training():
-    assert quick().base_key() == MiniConfig().base_key()
-    assert quick().post_steps < MiniConfig().post_steps and len(quick().seeds) == 1
-    assert replace(MiniConfig(), pretrain_steps=10).base_key() != MiniConfig().base_key()
+def test_quick_mode_is_smaller_but_evaluates_on_the_same_held_out_set():
+    full = MiniConfig()
+    assert quick().base_key() != full.base_key()  # half-size batches: a base of its own
+    assert quick().post_steps < full.post_steps and len(quick().seeds) == 1
+    assert quick().eval_samples < full.eval_samples and quick().gen_steps == full.gen_steps
+    assert replace(full, pretrain_steps=10).base_key() != full.base_key()
+    assert replace(full, post_steps=10, seeds=(5,)).base_key() == full.base_key()
 
 
 def test_paired_comparison_known_answer():
@@ -122,3 +127,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "pretrain" not in again["wall_s"]
     assert again["reused"] == len(cfg.arms)
     assert {r["arm"] for r in again["runs"]} == set(more.arms)
+    table = (out / "table.md").read_text()
+    assert f"({len(cfg.arms)} of {len(more.arms)} runs reused)" in table
+    assert "Every arm vs Base+SFT" in table and "| w/o L_uni | 1 |" in table
+    (out / "table.md").unlink()
+    (out / "curves.png").unlink()
+    main(["--mode", "smoke", "--out", str(tmp_path), "--report-only"])  # no training
+    assert (out / "table.md").read_text() == table and (out / "curves.png").exists()

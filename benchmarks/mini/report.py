@@ -100,6 +100,20 @@ def markdown_comparison(comparison: dict, columns: list[tuple[str, str]]) -> str
     return "\n".join(lines)
 
 
+def markdown_arms_vs_reference(comparisons: dict, columns: list[tuple[str, str]]) -> str:
+    """One row per arm: ``arm - reference`` per metric, ``*`` when outside the seed noise."""
+    head = "| arm - Base+SFT | n | " + " | ".join(title for _, title in columns) + " |"
+    lines = [head, "| --- | --- |" + " --- |" * len(columns)]
+    for arm, comparison in comparisons.items():
+        cells = []
+        for key, _ in columns:
+            c = comparison[key]
+            std = f" ± {c['std']:.3f}" if c["std"] is not None else ""
+            cells.append(f"{c['mean']:+.3f}{std}{' *' if c['outside_seed_noise'] else ''}")
+        lines.append(f"| {arm} | {next(iter(comparison.values()))['n']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def hardware() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -117,13 +131,21 @@ def write_report(results: dict, out: Path, data) -> None:
     headline_keys = [k for k, _ in HEADLINE]
     results["table"] = aggregate(runs, headline_keys + DETAIL)
     results["hardware"] = hardware()
-    arms = {r["arm"] for r in runs}
-    if {"Base+DIVA", "Base+SFT"} <= arms:
-        results["diva_vs_sft"] = paired(runs, "Base+DIVA", "Base+SFT", headline_keys + DETAIL)
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    if "Base+SFT" in arms:
+        results["vs_sft"] = {
+            arm: paired(runs, arm, "Base+SFT", headline_keys + DETAIL)
+            for arm in arms
+            if arm not in ("Base", "Base+SFT")
+        }
+        results["vs_sft"] = {arm: c for arm, c in results["vs_sft"].items() if c}
+        if "Base+DIVA" in results["vs_sft"]:
+            results["diva_vs_sft"] = results["vs_sft"]["Base+DIVA"]
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    reused = f" ({results['reused']} of {len(runs)} runs reused)" if results.get("reused") else ""
     lines = [
         f"DIVA-mini ({results['config']['mode']} mode), {results['hardware']}, "
-        f"total wall time {results['wall_s']['total'] / 60:.1f} min.\n",
+        f"total wall time {results['wall_s']['total'] / 60:.1f} min{reused}.\n",
         markdown_table(results["table"], HEADLINE),
         "\nPer attribute (understanding from parsed captions, generation from detected objects):\n",
         markdown_table(results["table"], [(k, k) for k in DETAIL]),
@@ -131,6 +153,9 @@ def write_report(results: dict, out: Path, data) -> None:
     if "diva_vs_sft" in results:
         lines += ["\nBase+DIVA vs Base+SFT, paired by seed:\n",
                   markdown_comparison(results["diva_vs_sft"], HEADLINE)]  # fmt: skip
+    if len(results.get("vs_sft", {})) > 1:
+        lines += ["\nEvery arm vs Base+SFT, paired by seed (* = outside the seed noise):\n",
+                  markdown_arms_vs_reference(results["vs_sft"], HEADLINE)]  # fmt: skip
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot_curves(results, out / "curves.png")
     plot_metrics(results["table"], HEADLINE, out / "metrics.png")

@@ -1,7 +1,7 @@
 """DIVA-mini: the paper's Table 2 protocol end to end on CPU, on the synthetic shapes world.
 
-    make bench-mini                 # full: 3 seeds per arm (about 75 minutes on 2 CPU cores)
-    make bench-mini MODE=quick      # Base, SFT, DIVA; one seed, fewer steps (minutes)
+    make bench-mini                 # full: 8 arms x 3 seeds (83 minutes on 2 CPU cores)
+    make bench-mini MODE=quick      # Base, SFT, DIVA; one seed, smaller (under 10 minutes)
     python -m benchmarks.mini.run --mode quick --out runs/mini
 
 Steps (cached under ``OUT/base-<hash>``: tokenizer, shards, base checkpoint):
@@ -110,10 +110,24 @@ def run(cfg: MiniConfig, out: Path, name: str | None = None) -> dict:
     results["wall_s"] = {**clock.phases, "total": time.perf_counter() - clock.start}
     write_report(results, run_dir, setup["data"])
     if any(r["arm"] == "Base+DIVA" for r in results["runs"]):
-        gradients = diagnose(cfg, run_dir, seed=min(cfg.seeds))
-        with open(run_dir / "table.md", "a") as table:
-            table.write("\n" + gradient_table(gradients) + "\n")
+        append_gradients(run_dir, diagnose(cfg, run_dir, seed=min(cfg.seeds)))
     return results
+
+
+def append_gradients(run_dir: Path, gradients: dict) -> None:
+    with open(run_dir / "table.md", "a") as table:
+        table.write("\n" + gradient_table(gradients) + "\n")
+
+
+def rerender(run_dir: Path) -> None:
+    """Rewrite ``table.md`` and the plots of a finished run from its ``results.json``."""
+    results = json.loads((run_dir / "results.json").read_text())
+    stored = results["config"]
+    cfg = MiniConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    tokenizer, _ = build_tokenizer(cfg, run_dir.parent / f"base-{cfg.base_key()}" / "tokenizer.pt")
+    write_report(results, run_dir, eval_set(cfg, tokenizer))
+    if (run_dir / "gradients.json").exists():
+        append_gradients(run_dir, json.loads((run_dir / "gradients.json").read_text()))
 
 
 def one_run(cfg: MiniConfig, arm: str, seed, setup: dict, folder: Path, clock: Clock) -> dict:
@@ -141,7 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="*", help="subset of arms (default: all)")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the mode's seeds")
     parser.add_argument("--name", help="results folder under --out (default: the mode)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite table.md and plots from OUT/NAME/results.json; no training")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.report_only:
+        return rerender(Path(args.out) / (args.name or args.mode))
     cfg = MODES[args.mode]()
     if args.arms:
         unknown = [a for a in args.arms if a not in ARMS]
