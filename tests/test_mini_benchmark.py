@@ -1,7 +1,7 @@
 """DIVA-mini: the patch tokenizer, the held-out set, and the whole pipeline in smoke mode."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from benchmarks.mini.backbone import build_base
 from benchmarks.mini.config import ARMS, MiniConfig, quick, smoke
 from benchmarks.mini.data import PROMPT, TRAIN_SEED, eval_set, render
 from benchmarks.mini.report import paired
-from benchmarks.mini.run import main, run
+from benchmarks.mini.run import finished_runs, main, run
 from benchmarks.mini.tokenizer import PatchTokenizer
 from diva_lightning.backbones.base import IGNORE_INDEX
 from diva_lightning.data.shapes import ShapesWorld
@@ -90,6 +90,23 @@ def test_quick_mode_is_smaller_but_evaluates_on_the_same_held_out_set():
     assert quick().eval_samples < full.eval_samples and quick().gen_steps == full.gen_steps
     assert replace(full, pretrain_steps=10).base_key() != full.base_key()
     assert replace(full, post_steps=10, seeds=(5,)).base_key() == full.base_key()
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path):
+    cfg = quick()
+    path = tmp_path / "results.json"
+    stored = json.loads(json.dumps(asdict(cfg)))  # tuples become lists, as in results.json
+    runs = [{"arm": "Base+SFT", "seed": 0, "metrics": {}}]
+
+    def reused(config: dict) -> dict:
+        path.write_text(json.dumps({"config": config, "runs": runs}))
+        return finished_runs(path, cfg)
+
+    assert set(reused(stored)) == {("Base+SFT", 0)}
+    assert set(reused({**stored, "seeds": [7], "retired_setting": {}})) == {("Base+SFT", 0)}
+    assert reused({**stored, "post_steps": cfg.post_steps + 1}) == {}
+    older = {k: v for k, v in stored.items() if k != "tau"}  # a setting added since that run
+    assert reused(older) == {}
 
 
 def test_paired_comparison_known_answer():

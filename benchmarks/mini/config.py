@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 # arm name -> (kind, overrides of the data module, of Stage1, of Stage2)
 ARMS: dict[str, dict] = {
@@ -79,7 +79,6 @@ class MiniConfig:
     # evaluation
     gen_steps: int = 8
     eval_batch: int = 64
-    extra: dict = field(default_factory=dict)
 
     def base_key(self) -> str:
         """Hash of everything the cached shards, tokenizer and base checkpoint depend on."""
@@ -138,6 +137,14 @@ def smoke() -> MiniConfig:
         shared_only_steps=1, factor_dim=16, readout_rank=4, critic_hidden=16, gen_steps=2,
         eval_batch=8,
     )  # fmt: skip
+
+
+def config_from_json(stored: dict) -> MiniConfig:
+    """A ``MiniConfig`` from ``results.json``'s "config" (lists back to tuples, unknown keys of
+    older runs dropped)."""
+    known = {f.name for f in fields(MiniConfig)}
+    return MiniConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in stored.items() if k in known})  # fmt: skip
 
 
 MODES = {"quick": quick, "full": full, "smoke": smoke}

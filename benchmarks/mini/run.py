@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.mini.backbone import load_base
-from benchmarks.mini.config import ARMS, MODES, MiniConfig, arm_folder
+from benchmarks.mini.config import ARMS, MODES, MiniConfig, arm_folder, config_from_json
 from benchmarks.mini.data import build_tokenizer, eval_set, write_shards
 from benchmarks.mini.diagnose import diagnose, gradient_table
 from benchmarks.mini.evaluate import evaluate, tokenizer_ceiling
@@ -80,7 +80,9 @@ def finished_runs(path: Path, cfg: MiniConfig) -> dict[tuple, dict]:
     old = json.loads(path.read_text())
     ignore = ("mode", "arms", "seeds")
     same = {k: v for k, v in asdict(cfg).items() if k not in ignore}
-    if {k: v for k, v in old["config"].items() if k not in ignore} != json.loads(json.dumps(same)):
+    stored = asdict(config_from_json(old["config"]))
+    complete = set(stored) <= set(old["config"])  # a setting added since: not comparable
+    if not complete or {k: v for k, v in stored.items() if k not in ignore} != same:
         print(f"{path}: made with other settings; not reused")
         return {}
     return {(r["arm"], r["seed"]): r for r in old["runs"]}
@@ -122,8 +124,7 @@ def append_gradients(run_dir: Path, gradients: dict) -> None:
 def rerender(run_dir: Path) -> None:
     """Rewrite ``table.md`` and the plots of a finished run from its ``results.json``."""
     results = json.loads((run_dir / "results.json").read_text())
-    stored = results["config"]
-    cfg = MiniConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    cfg = config_from_json(results["config"])
     tokenizer, _ = build_tokenizer(cfg, run_dir.parent / f"base-{cfg.base_key()}" / "tokenizer.pt")
     write_report(results, run_dir, eval_set(cfg, tokenizer))
     if (run_dir / "gradients.json").exists():

@@ -181,14 +181,13 @@ def post_train(cfg: MiniConfig, arm: str, seed: int, base: Path, shards: dict, o
     ``out`` is ``<results>/<arm>/seed<k>``; stage-1 runs live in ``<results>/stage1-<key>``.
     """
     spec = ARMS[arm]
+    L.seed_everything(seed, verbose=False)
     if spec["kind"] == "sft":
-        L.seed_everything(seed, verbose=False)
         module = SFT(
             load_base(cfg, base), middle_layers=cfg.middle_layers,
             trainable_layers=cfg.middle_layers, lr=cfg.post_lr, warmup_steps=cfg.post_warmup,
         )  # fmt: skip
     else:
-        L.seed_everything(seed, verbose=False)
         encoders = stage1_encoders(cfg, spec, seed, base, shards, out.parent.parent)
         L.seed_everything(seed, verbose=False)
         module = stage2_module(cfg, spec, base, encoders)
