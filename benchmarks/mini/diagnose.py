@@ -8,6 +8,7 @@ training batches: the norm of the gradient of the native losses (what SFT follow
 between the alignment and native gradients (negative: the alignment pulls against captioning
 and inpainting; near 0: it spends the step on directions they do not need), and how often the
 step's total gradient norm exceeds the clip (1.0), which then shrinks the native part too.
+The gradients are those of the library's ``GradientBalance`` callback (``measure``).
 """
 
 from __future__ import annotations
@@ -16,41 +17,26 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from benchmarks.mini.backbone import load_base
 from benchmarks.mini.config import ARMS, MODES, MiniConfig
 from benchmarks.mini.train import loaders, stage1_key
 from diva_lightning.stages import Stage2
+from diva_lightning.stages.balance import GradientBalance, cosine
 
 
-def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).flatten()
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
-
-
-def term_gradients(module: Stage2, batch, lambda_sha: float, lambda_uni: float) -> dict[str, float]:
-    terms = module.diva_losses(batch)
-    params = [p for p in module.backbone.parameters() if p.requires_grad]
-    native = flat_grad(terms["loss_und"] + terms["loss_gen"], params)
-    align = flat_grad(lambda_sha * (terms["loss_u2g"] + terms["loss_g2u"]), params)
-    unique = flat_grad(lambda_uni * terms["loss_uni"], params)
-    total = native + align + unique
+def term_gradients(module: Stage2, batch, clip: float = 1.0) -> dict[str, float]:
+    """The stage's per-term gradient figures on ``batch`` (``GradientBalance.measure``)."""
+    stats = GradientBalance.measure(module, batch, clip)
     return {
-        "native_norm": float(native.norm()),
-        "alignment_norm": float(align.norm()),
-        "unique_norm": float(unique.norm()),
-        "cos_alignment_native": float(torch.nn.functional.cosine_similarity(align, native, dim=0)),
-        "cos_unique_native": float(torch.nn.functional.cosine_similarity(unique, native, dim=0)),
-        "diva_clipped": float(total.norm() > 1.0),
-        "sft_clipped": float(native.norm() > 1.0),
-        "native_share_after_clip": float(min(1.0, 1.0 / total.norm()) * native.norm()),
-        "sft_norm_after_clip": float(min(1.0, native.norm())),
+        "native_norm": stats["norm/native"],
+        "alignment_norm": stats["norm/alignment"],
+        "unique_norm": stats["norm/uni"],
+        "cos_alignment_native": cosine(stats, "alignment", "native"),
+        "cos_unique_native": cosine(stats, "uni", "native"),
+        "diva_clipped": float(stats["norm/total"] > clip),
+        "sft_clipped": float(stats["norm/native"] > clip),
+        "native_share_after_clip": stats["clipped_norm/native"],
+        "sft_norm_after_clip": min(clip, stats["norm/native"]),
     }
 
 
@@ -60,15 +46,16 @@ def diagnose(cfg: MiniConfig, run_dir: Path, batches: int = 8, seed: int = 0) ->
     base = root / "base" / "model"
     encoders = run_dir / stage1_key(ARMS["Base+DIVA"]) / f"seed{seed}" / "stage1_encoders"
     module = Stage2(
-        load_base(cfg, base), stage1_encoders=str(encoders),
+        load_base(cfg, base), stage1_encoders=str(encoders), targets="online",
         middle_layers=cfg.middle_layers, tau=cfg.tau, critic_hidden=cfg.critic_hidden,
+        lambda_sha=cfg.lambda_sha, lambda_uni=cfg.lambda_uni, ramp_steps=0,
     )  # fmt: skip
     module.configure_trainable()
     module.backbone.train()
     shards = {split: root / "shards" / split for split in ("train", "val")}
     train, _ = loaders(cfg, shards, seed, batches, cfg.post_mask)
     rows = [
-        term_gradients(module, b, cfg.lambda_sha, cfg.lambda_uni)
+        term_gradients(module, b)
         for _, b in zip(range(batches), train, strict=False)  # the stream is endless
     ]
     summary = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}

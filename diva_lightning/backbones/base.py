@@ -14,7 +14,10 @@ exposes the small surface DIVA needs (paper Sec. 3.1):
 
 Layer numbering: layer ``l`` (1-based) is decoder block ``l``; its output is
 ``hidden_states[l]`` of a transformers forward with ``output_hidden_states=True``. The last
-block is the raw block output (transformers puts the final norm into its last entry).
+block is the raw block output (transformers puts the final norm into its last entry). A block
+is called as ``block(hidden, *args, **kwargs)`` and returns the hidden state, or a tuple that
+starts with it (every transformers decoder layer does): ``BlockCalls`` relies on this to run a
+range of blocks again for the EMA teacher.
 
 Logits convention (``FlowOutput``): ``logits`` is ``(B, S, V)`` over the ``S`` supervised slots of
 each sample (padded), ``targets`` is ``(B, S)`` with ``-100`` at padding, and
@@ -141,23 +144,50 @@ def shifted_slot_states(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     return gather_slots(hidden, positions - 1, valid), targets
 
 
+def pool_image_states(
+    hidden: Tensor, positions: Tensor, pool: bool, pool_mask: Tensor | None = None
+) -> Tensor:
+    """Image-token states of one layer, optionally mean-pooled (paper Sec. 3.2, ``Pool``).
+
+    hidden (B, T, D), positions (B, N) -> (B, N, D), or (B, D) when ``pool``. ``pool_mask``
+    (B, N) bool keeps only the True slots in the mean (e.g. the unmasked slots of the generation
+    flow); a row without any kept slot pools to zeros.
+    """
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, N, D)
+    image_states = torch.gather(hidden, 1, index)  # (B, N, D)
+    if not pool:
+        return image_states
+    if pool_mask is None:
+        return image_states.mean(1)
+    weights = pool_mask.to(image_states.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (image_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class LayerCapture:
     """Forward hooks on decoder blocks that keep only the image-token states of chosen layers.
 
     Used as a context manager around one forward; never keeps the states of other layers.
     """
 
-    def __init__(self, blocks: nn.ModuleList, layers: Sequence[int], positions: Tensor, pool: bool):
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        layers: Sequence[int],
+        positions: Tensor,
+        pool: bool,
+        pool_mask: Tensor | None = None,
+    ):
         self.blocks, self.layers, self.positions, self.pool = blocks, list(layers), positions, pool
+        self.pool_mask = pool_mask
         self.states: dict[int, Tensor] = {}
         self._handles: list = []
 
     def _hook(self, layer: int):
         def fn(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-            index = self.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, N, D)
-            image_states = torch.gather(hidden, 1, index)  # (B, N, D)
-            self.states[layer] = image_states.mean(1) if self.pool else image_states
+            hidden = block_output(output)  # (B, T, D)
+            self.states[layer] = pool_image_states(
+                hidden, self.positions, self.pool, self.pool_mask
+            )
 
         return fn
 
@@ -177,6 +207,11 @@ class LayerCapture:
         if missing:
             raise RuntimeError(f"layers {missing} were not reached by the forward pass")
         return torch.stack([self.states[layer] for layer in self.layers], dim=1)
+
+
+def block_output(output) -> Tensor:
+    """The hidden state a decoder block returns: the tensor itself, or the first of a tuple."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 class BackboneAdapter(nn.Module, abc.ABC):
@@ -298,14 +333,23 @@ class BackboneAdapter(nn.Module, abc.ABC):
         """Run the model on a G batch -> (logits (B, S, codebook), targets (B, S) codes)."""
 
     def forward_flow(
-        self, batch: FlowBatch, flow: str, layers: Sequence[int] = (), pool: bool = True
+        self,
+        batch: FlowBatch,
+        flow: str,
+        layers: Sequence[int] = (),
+        pool: bool = True,
+        pool_mask: Tensor | None = None,
     ) -> FlowOutput:
-        """One forward of flow ``"U"`` or ``"G"``, capturing image-token states of ``layers``."""
+        """One forward of flow ``"U"`` or ``"G"``, capturing image-token states of ``layers``.
+
+        ``pool_mask`` (B, N) bool restricts the mean pooling to the True image slots.
+        """
         self.check_layers(layers)
         forward = {"U": self._forward_understanding, "G": self._forward_generation}.get(flow)
         if forward is None:
             raise ValueError(f"flow must be 'U' or 'G', got {flow!r}")
-        with LayerCapture(self.decoder_layers, layers, batch.image_positions, pool) as capture:
+        capture = LayerCapture(self.decoder_layers, layers, batch.image_positions, pool, pool_mask)
+        with capture:
             logits, targets = forward(batch)
         hidden = capture.stacked() if layers else logits.new_zeros(0)
         return FlowOutput(hidden, logits, targets, supervised_cross_entropy(logits, targets))

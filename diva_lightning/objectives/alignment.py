@@ -2,7 +2,9 @@
 
     L_{U->G} = -log exp(sim(z_sh^U, sg[z_sh^G]) / tau) / sum_j exp(sim(z_sh^U, sg[z_sh^{G,j}]) / tau)
 
-and the mirror ``L_{G->U}``; ``sim`` is cosine similarity. Pairs are matched per middle layer
+and the mirror ``L_{G->U}``; ``sim`` is cosine similarity. The targets ``sg[z_sh]`` are the
+online factors, detached, or, given explicitly, another network's (stage 2's EMA teacher, paper
+App. B.2). Pairs are matched per middle layer
 (factor ``(B, L, d)`` -> one ``B x B`` problem per layer) and averaged over layers. With
 ``stop_gradient=False`` the target side also receives gradient (the paper's "w/o sg" ablation,
 and the authors' symmetric code). ``gather_negatives`` adds the other ranks' targets as
@@ -83,12 +85,24 @@ class SharedAlignment(nn.Module):
             raise ValueError(f"tau must be positive, got {tau}")
         self.tau, self.stop_gradient, self.gather_negatives = tau, stop_gradient, gather_negatives
 
-    def forward(self, shared_u: Tensor, shared_g: Tensor) -> tuple[Tensor, Tensor]:
-        """shared_u, shared_g (B, L, d) -> (L_{U->G}, L_{G->U})."""
+    def forward(
+        self,
+        shared_u: Tensor,
+        shared_g: Tensor,
+        target_u: Tensor | None = None,
+        target_g: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """shared_u, shared_g (B, L, d) -> (L_{U->G}, L_{G->U}).
+
+        ``target_u`` / ``target_g`` (B, L, d): the targets of ``L_{G->U}`` / ``L_{U->G}``
+        (default: the online factors themselves).
+        """
         kwargs = dict(
             tau=self.tau, stop_gradient=self.stop_gradient, gather_negatives=self.gather_negatives
         )
+        target_u = shared_u if target_u is None else target_u
+        target_g = shared_g if target_g is None else target_g
         return (
-            directed_info_nce(shared_u, shared_g, **kwargs),
-            directed_info_nce(shared_g, shared_u, **kwargs),
+            directed_info_nce(shared_u, target_g, **kwargs),
+            directed_info_nce(shared_g, target_u, **kwargs),
         )

@@ -35,6 +35,7 @@ def factor_config(encoders: FactorEncoders, middle_layers: list[int], **extra) -
         "unique_dim": encoders.unique_dim,
         "arch": encoders.arch,
         "mlp_hidden": encoders.mlp_hidden,
+        "projector": encoders.projector,
         "middle_layers": list(middle_layers),
         **extra,
     }
@@ -49,16 +50,9 @@ def save_factor_encoders(
     """Write encoders (+ readouts) to directory ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"encoders.{k}": v.detach().cpu().contiguous() for k, v in encoders.state_dict().items()
-    }
+    tensors = {f"encoders.{k}": v for k, v in _distinct(encoders.state_dict()).items()}
     if injection is not None:
-        tensors.update(
-            {
-                f"injection.{k}": v.detach().cpu().contiguous()
-                for k, v in injection.state_dict().items()
-            }
-        )
+        tensors.update({f"injection.{k}": v for k, v in _distinct(injection.state_dict()).items()})
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, str(staging / TENSORS_NAME))
@@ -70,6 +64,17 @@ def save_factor_encoders(
         if staging.exists():
             shutil.rmtree(staging)
     return path
+
+
+def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of a state dict, each shared tensor once (safetensors refuses aliases; a
+    ``projector: shared`` encoder holds one ``phi`` under both flows' names)."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            out[key] = value.detach().cpu().contiguous()
+    return out
 
 
 def _read(path: Path) -> tuple[dict, dict]:
@@ -104,8 +109,15 @@ def load_factor_encoders(
         config["unique_dim"],
         config["arch"],
         config.get("mlp_hidden"),
+        config.get("projector", "per_flow"),
     )
     prefix = "encoders."
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    encoders.load_state_dict(state, strict=True)
+    missing, unexpected = encoders.load_state_dict(state, strict=False)
+    aliases = set(encoders.state_dict()) - set(_distinct(encoders.state_dict()))
+    if unexpected or set(missing) - aliases:
+        raise ValueError(
+            f"stage-1 encoders at {path} do not match their config: missing "
+            f"{sorted(set(missing) - aliases)[:5]}, unexpected {unexpected[:5]}"
+        )
     return encoders, config

@@ -10,6 +10,11 @@ Variants (paper Table 2, "Architecture of shared/unique encoders"):
 * ``linear_ln``: ``z = LN(W h)``.
 * ``transformer``: the vector is projected to a few tokens, mixed by a small Transformer encoder,
   flattened and projected; still one vector in, one factor out, per layer.
+
+Two readings of Eq. 5 (``projector``): ``per_flow`` builds four independent encoders (Sec. 3.2:
+"E_sha^i and E_uni^i ... for each branch"); ``shared`` follows Eq. 5's symbols literally, with
+one ``phi_sh`` and one ``phi_uni`` used by both flows and only the gates ``W^i`` (and the
+LayerNorm of Eq. 13) per flow. ``shared`` needs the gated-MLP form, the only one with a ``phi``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 ENCODER_ARCHS = ("gated_mlp", "linear_ln", "transformer")
+PROJECTORS = ("per_flow", "shared")
 FLOWS = ("U", "G")
 KINDS = ("shared", "unique")
 
@@ -124,6 +130,8 @@ class FactorEncoders(nn.Module):
         unique_dim: width of unique factors ``d_uni`` (defaults to ``shared_dim``).
         arch: ``gated_mlp`` (paper default), ``linear_ln`` or ``transformer``.
         mlp_hidden: hidden width of ``phi`` (default ``max(d, min(D, 4 d))``).
+        projector: ``per_flow`` (default: four independent encoders) or ``shared`` (one ``phi``
+            per kind used by both flows, per-flow gates; see the module docstring).
     """
 
     def __init__(
@@ -133,18 +141,28 @@ class FactorEncoders(nn.Module):
         unique_dim: int | None = None,
         arch: str = "gated_mlp",
         mlp_hidden: int | None = None,
+        projector: str = "per_flow",
     ):
         super().__init__()
+        if projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {projector!r}; choose one of {PROJECTORS}")
+        if projector == "shared" and arch != "gated_mlp":
+            raise ValueError(
+                f"projector 'shared' shares the gated MLP's phi; arch {arch!r} has none"
+            )
         self.hidden_size, self.arch, self.mlp_hidden = hidden_size, arch, mlp_hidden
         self.shared_dim, self.unique_dim = shared_dim, unique_dim or shared_dim
+        self.projector = projector
         dims = {"shared": self.shared_dim, "unique": self.unique_dim}
-        self.encoders = nn.ModuleDict(
-            {
-                f"{flow}_{kind}": build_factor_encoder(arch, hidden_size, dims[kind], mlp_hidden)
-                for flow in FLOWS
-                for kind in KINDS
-            }
-        )
+        encoders = {}
+        for flow in FLOWS:
+            for kind in KINDS:
+                encoders[f"{flow}_{kind}"] = build_factor_encoder(
+                    arch, hidden_size, dims[kind], mlp_hidden
+                )
+                if projector == "shared" and flow != FLOWS[0]:  # the same module, so one tensor
+                    encoders[f"{flow}_{kind}"].phi = encoders[f"{FLOWS[0]}_{kind}"].phi
+        self.encoders = nn.ModuleDict(encoders)
 
     def encode(self, flow: str, kind: str, h: Tensor) -> Tensor:
         """h (B, L, D) -> z (B, L, d) with the encoder of ``flow`` and ``kind``."""

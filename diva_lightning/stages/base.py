@@ -11,13 +11,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from diva_lightning.backbones.base import BackboneAdapter, FlowOutput
+from diva_lightning.backbones.replay import BlockCalls
+
+GEN_POOLINGS = ("all", "unmasked")
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
@@ -50,7 +54,17 @@ class DualFlowModule(L.LightningModule):
         lambda_gen: weight of the generation (inpainting) loss.
         max_nonfinite_steps: stop the run with an error after this many non-finite losses.
         activation_checkpointing: recompute backbone activations in backward to save memory.
+        gen_pooling: image slots of the generation flow that are mean-pooled into ``h_G``:
+            ``all`` (default; Sec. 3.2 pools every image token) or ``unmasked`` (only the
+            visible ones; the masked slots hold mask tokens).
+        decay_all_parameters: apply weight decay to every parameter. Default ``False``: biases,
+            norm weights and embeddings get none (the authors' code; the paper only says 0.01).
+
+    Stages expose ``loss_terms`` (the weighted terms whose sum the trainable model parameters
+    follow) and ``term_groups`` for ``GradientBalance``.
     """
+
+    term_groups: dict[str, tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -63,8 +77,12 @@ class DualFlowModule(L.LightningModule):
         lambda_gen: float = 1.0,
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
+        gen_pooling: str = "all",
+        decay_all_parameters: bool = False,
     ):
         super().__init__()
+        if gen_pooling not in GEN_POOLINGS:
+            raise ValueError(f"unknown gen_pooling {gen_pooling!r}; choose one of {GEN_POOLINGS}")
         start, end = middle_layers
         if not 1 <= start <= end <= backbone.num_layers:
             raise ValueError(
@@ -77,6 +95,7 @@ class DualFlowModule(L.LightningModule):
         self.lambda_und, self.lambda_gen = lambda_und, lambda_gen
         self.max_nonfinite_steps = max_nonfinite_steps
         self.activation_checkpointing = activation_checkpointing
+        self.gen_pooling, self.decay_all_parameters = gen_pooling, decay_all_parameters
         self.nonfinite_steps = 0
         self._last_batch_end: float | None = None
 
@@ -89,19 +108,45 @@ class DualFlowModule(L.LightningModule):
         return self.backbone.tokenize_images(batch.pixels)
 
     def run_flows(
-        self, batch, layers: Sequence[int], pool: bool = True
+        self,
+        batch,
+        layers: Sequence[int],
+        pool: bool = True,
+        record: tuple[int, int] | None = None,
     ) -> tuple[FlowOutput, FlowOutput]:
-        """Both flows of the same samples -> (understanding output, generation output)."""
+        """Both flows of the same samples -> (understanding output, generation output).
+
+        ``record=(start, end)``: also keep how blocks ``start..end`` were called in each flow,
+        for a replay: ``self.recorded[flow] = (BlockCalls, image positions (B, N), pool mask)``.
+        """
         codes = self.image_codes(batch)  # (B, N)
         pixels = batch.pixels if self.backbone.needs_pixels_for_understanding else None
         flow_u = self.backbone.build_understanding(
             batch.prompts, batch.captions, codes=codes, pixels=pixels
         )
         flow_g = self.backbone.build_generation(batch.captions, codes, batch.gen_mask)
-        out_u = self.backbone.forward_flow(flow_u.to(self.device), "U", layers, pool=pool)
-        out_g = self.backbone.forward_flow(flow_g.to(self.device), "G", layers, pool=pool)
+        flow_u, flow_g = flow_u.to(self.device), flow_g.to(self.device)
+        pool_mask = self.gen_pool_mask(batch)
+        blocks = self.backbone.decoder_layers
+        calls = {f: BlockCalls(blocks, *record) if record else nullcontext() for f in "UG"}
+        with calls["U"]:
+            out_u = self.backbone.forward_flow(flow_u, "U", layers, pool=pool)
+        with calls["G"]:
+            out_g = self.backbone.forward_flow(flow_g, "G", layers, pool=pool, pool_mask=pool_mask)
+        self.recorded = {}
+        if record:
+            self.recorded = {
+                "U": (calls["U"], flow_u.image_positions, None),
+                "G": (calls["G"], flow_g.image_positions, pool_mask),
+            }
         self._tokens_in_batch = int(flow_u.attention_mask.sum() + flow_g.attention_mask.sum())
         return out_u, out_g
+
+    def gen_pool_mask(self, batch) -> Tensor | None:
+        """(B, N) bool of the generation-flow image slots that are pooled (None: all of them)."""
+        if self.gen_pooling == "all":
+            return None
+        return ~batch.gen_mask.to(self.device)
 
     def native_loss(self, out_u: FlowOutput, out_g: FlowOutput) -> Tensor:
         return self.lambda_und * out_u.loss + self.lambda_gen * out_g.loss
@@ -125,7 +170,30 @@ class DualFlowModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups (subclass hook). Default: every trainable parameter."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        return self.weight_decay_groups([p for p in self.parameters() if p.requires_grad])
+
+    def weight_decay_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        """Split ``params`` into a decayed group and a group without weight decay (biases, norm
+        weights: every parameter with fewer than 2 dims; and ``nn.Embedding`` tables)."""
+        if self.decay_all_parameters:
+            return [{"params": params}]
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        exempt = [p.ndim < 2 or id(p) in embeddings for p in params]
+        return [
+            {"params": [p for p, e in zip(params, exempt, strict=True) if not e]},
+            {"params": [p for p, e in zip(params, exempt, strict=True) if e], "weight_decay": 0.0},
+        ]
+
+    def loss_terms(self, batch) -> dict[str, Tensor]:
+        """The weighted loss terms whose sum the trainable model parameters follow (subclass
+        hook; read by ``GradientBalance``). Names of the native terms: ``term_groups["native"]``."""
+        raise NotImplementedError
+
+    def balance_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose per-term gradients ``GradientBalance`` measures: the trainable
+        backbone blocks, or (stage 1, backbone frozen) the trainable encoders and readouts."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        return backbone or [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
         groups = [g for g in self.param_groups() if g["params"]]

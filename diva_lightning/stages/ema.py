@@ -6,9 +6,17 @@ each rank actually holds: the full parameter when parameters are replicated (sin
 DDP, ZeRO-1/2), or the rank's own partition (``param.ds_tensor``) under ZeRO-3. Its state goes
 into the checkpoint's callback state; under ZeRO-3 the per-rank partitions are gathered so the
 rank-0 client state holds every rank's shard, and each rank takes its own back on resume.
+
+The same average gives stage 2 its EMA-teacher targets (paper App. B.2: EMA "to provide stable
+targets for bidirectional alignment"): ``swapped_in`` puts the averaged weights into chosen
+parameters for the duration of a no-grad forward and puts the online ones back, without a second
+copy of the model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -58,27 +66,66 @@ class EMA(Callback):
     def _tracked(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @property
+    def ready(self) -> bool:
+        """True once ``track`` has taken the first copy of the weights."""
+        return bool(self.shadow)
+
+    def track(self, pl_module: L.LightningModule) -> None:
+        """Start averaging the module's trainable parameters from their current values."""
         tracked = self._tracked(pl_module)
         self.shadow = {n: _storage(p).detach().float().clone() for n, p in tracked.items()}
         self._sharded = any(hasattr(p, "ds_tensor") for p in tracked.values())
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.track(pl_module)
         if self._loaded is not None:
             self._restore(self._loaded, trainer.global_rank)
             self._loaded = None
         self._last_step = trainer.global_step
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        if trainer.global_step == self._last_step:  # accumulating: no optimizer step yet
-            return
-        self._last_step = trainer.global_step
+    def update(self, pl_module: L.LightningModule) -> float:
+        """One EMA update after an optimizer step; returns the decay used."""
         decay = self.decay(self.updates)
         tracked = self._tracked(pl_module)
         names = [n for n in self.shadow if n in tracked]
         current = [_storage(tracked[n]).float() for n in names]
         torch._foreach_lerp_([self.shadow[n] for n in names], current, 1.0 - decay)
         self.updates += 1
-        pl_module.log("train/ema_decay", decay)
+        return decay
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self._last_step:  # accumulating: no optimizer step yet
+            return
+        self._last_step = trainer.global_step
+        pl_module.log("train/ema_decay", self.update(pl_module))
+
+    @contextmanager
+    def swapped_in(self, pl_module: L.LightningModule, names: Iterable[str]) -> Iterator[None]:
+        """Within the block, the parameters ``names`` hold their EMA weights; the online ones are
+        put back on exit. Parameters are re-pointed, not copied (a dtype cast is the only copy).
+
+        Meant for a no-grad forward between the online forward and its backward: the backward
+        then sees the online weights again. Under ZeRO-3 the partitions are swapped, and any
+        parameter gathered at the time (persistent, or kept for reuse) is refreshed from them.
+        """
+        params = dict(pl_module.named_parameters())
+        chosen = [(params[n], self.shadow[n]) for n in names if n in self.shadow]
+        holders = [getattr(p, "ds_tensor", p) for p, _ in chosen]
+        online = [h.data for h in holders]
+        with torch.no_grad():
+            for holder, (_, shadow) in zip(holders, chosen, strict=True):
+                holder.data = shadow.to(holder.dtype)
+            if self._sharded:
+                _refresh_gathered([p for p, _ in chosen])
+            try:
+                yield
+            finally:
+                for holder, data in zip(holders, online, strict=True):
+                    holder.data = data
+                if self._sharded:
+                    _refresh_gathered([p for p, _ in chosen])
 
     @torch.no_grad()
     def copy_to(self, pl_module: L.LightningModule) -> None:
@@ -117,3 +164,31 @@ class EMA(Callback):
                     f"EMA state for {name} has shape {tuple(value.shape)}, expected "
                     f"{tuple(self.shadow[name].shape)}: resume with the same strategy and world size"
                 )
+
+
+def _refresh_gathered(params: list[torch.Tensor]) -> None:
+    """ZeRO-3: rebuild the full data of every gathered parameter from its (swapped) partitions.
+
+    A parameter is gathered on some rank when it is persistent or kept for reuse; the list is
+    agreed across ranks so that every rank joins the same all-gathers.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    zero = [p for p in params if hasattr(p, "ds_tensor")]
+    flags = torch.tensor(
+        [p.ds_status == ZeroParamStatus.AVAILABLE for p in zero], dtype=torch.uint8
+    )
+    if _distributed():
+        device = zero[0].ds_tensor.device if zero else flags.device
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    for param, flag in zip(zero, flags.tolist(), strict=True):
+        if not flag:
+            continue
+        part = param.ds_tensor.data  # (partition,)
+        group = getattr(param, "ds_process_group", None)
+        chunks = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(chunks, part, group=group)
+        if param.ds_status == ZeroParamStatus.AVAILABLE:
+            full = torch.cat(chunks)[: param.ds_numel].view(param.ds_shape)
+            param.data.copy_(full)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from diva_lightning.backbones.base import BackboneAdapter
 from diva_lightning.stages.base import DualFlowModule
 
@@ -13,6 +15,8 @@ class SFT(DualFlowModule):
         trainable_layers: inclusive block range to fine-tune (default: ``middle_layers``).
         Other arguments: see ``DualFlowModule``.
     """
+
+    term_groups = {"native": ("und", "gen")}
 
     def __init__(
         self,
@@ -26,17 +30,19 @@ class SFT(DualFlowModule):
         lambda_gen: float = 1.0,
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
+        decay_all_parameters: bool = False,
     ):
         super().__init__(
             backbone,
             middle_layers,
-            lr,
-            weight_decay,
-            warmup_steps,
-            lambda_und,
-            lambda_gen,
-            max_nonfinite_steps,
-            activation_checkpointing,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            lambda_und=lambda_und,
+            lambda_gen=lambda_gen,
+            max_nonfinite_steps=max_nonfinite_steps,
+            activation_checkpointing=activation_checkpointing,
+            decay_all_parameters=decay_all_parameters,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.trainable_range = tuple(trainable_layers or middle_layers)
@@ -45,10 +51,21 @@ class SFT(DualFlowModule):
     def configure_trainable(self) -> None:
         self.backbone.unfreeze_layers(*self.trainable_range)
 
-    def training_step(self, batch, batch_idx: int):
+    def sft_losses(self, batch) -> dict[str, Tensor]:
         out_u, out_g = self.run_flows(batch, layers=())
-        loss = self.native_loss(out_u, out_g)
-        self.log_terms(
-            "train", {"loss": loss, "loss_und": out_u.loss, "loss_gen": out_g.loss}, len(batch.keys)
-        )
+        return {"loss_und": out_u.loss, "loss_gen": out_g.loss}
+
+    def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            "und": self.lambda_und * terms["loss_und"],
+            "gen": self.lambda_gen * terms["loss_gen"],
+        }
+
+    def loss_terms(self, batch) -> dict[str, Tensor]:
+        return self.weighted_terms(self.sft_losses(batch))
+
+    def training_step(self, batch, batch_idx: int):
+        terms = self.sft_losses(batch)
+        loss = sum(self.weighted_terms(terms).values())
+        self.log_terms("train", {"loss": loss, **terms}, len(batch.keys))
         return self.guard_nonfinite(loss)

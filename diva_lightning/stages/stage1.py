@@ -4,6 +4,9 @@ The backbone runs without gradients (eval mode, weights frozen). The four factor
 four low-rank readouts are trained on the native losses computed on the injected logits
 (Eq. 8, averaged over the middle layers) plus ``lambda_perp * L_perp`` (Eq. 9). Schedule:
 shared-only injection for ``shared_only_steps`` optimizer steps, then shared + unique.
+``lambda_sha > 0`` adds the authors' code's stage-1 alignment, ``lambda_sha`` times the mean of
+both directed InfoNCE terms without stop-gradient (Eq. 10 on the encoders), so that the shared
+factors start stage 2 aligned; the paper (Table 7) trains on the injected losses only (0).
 At the end of fit the encoders are written to ``<log_dir>/factor_encoders`` for stage 2.
 """
 
@@ -12,11 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from diva_lightning.backbones.base import BackboneAdapter
 from diva_lightning.objectives import (
     FactorEncoders,
     LogitInjection,
+    SharedAlignment,
     injected_loss,
     orthogonality_loss,
 )
@@ -38,7 +43,13 @@ class Stage1(DualFlowModule):
             Eq. 9 (see ``objectives/regularizers.py``).
         shared_only_steps: optimizer steps of shared-only injection before unique injection.
         export_dir: where to write the encoders at the end of fit (default ``<log_dir>/factor_encoders``).
+        projector: ``per_flow`` (four encoders) or ``shared`` (Eq. 5 read literally: one ``phi``
+            per kind for both flows, per-flow gates).
+        lambda_sha: weight of the stage-1 alignment (authors' code; paper and default: 0).
+        tau: InfoNCE temperature of the stage-1 alignment.
     """
+
+    term_groups = {"native": ("und", "gen"), "diva": ("perp", "align")}
 
     def __init__(
         self,
@@ -59,19 +70,29 @@ class Stage1(DualFlowModule):
         lambda_und: float = 1.0,
         lambda_gen: float = 1.0,
         max_nonfinite_steps: int = 10,
+        projector: str = "per_flow",
+        lambda_sha: float = 0.0,
+        tau: float = 0.07,
+        gen_pooling: str = "all",
+        decay_all_parameters: bool = False,
     ):
         super().__init__(
             backbone,
             middle_layers,
-            lr,
-            weight_decay,
-            warmup_steps,
-            lambda_und,
-            lambda_gen,
-            max_nonfinite_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            lambda_und=lambda_und,
+            lambda_gen=lambda_gen,
+            max_nonfinite_steps=max_nonfinite_steps,
+            gen_pooling=gen_pooling,
+            decay_all_parameters=decay_all_parameters,
         )
         self.save_hyperparameters(ignore=["backbone"])
-        self.encoders = FactorEncoders(backbone.hidden_size, shared_dim, unique_dim, encoder_arch)
+        self.encoders = FactorEncoders(
+            backbone.hidden_size, shared_dim, unique_dim, encoder_arch, projector=projector
+        )
+        self.alignment = SharedAlignment(tau, stop_gradient=False) if lambda_sha > 0 else None
         self.injection = LogitInjection(
             backbone.text_vocab_size,
             backbone.codebook_size,
@@ -86,7 +107,7 @@ class Stage1(DualFlowModule):
     def configure_trainable(self) -> None:
         self.backbone.freeze_all()
 
-    def diva_losses(self, batch) -> dict[str, torch.Tensor]:
+    def diva_losses(self, batch) -> dict[str, Tensor]:
         with torch.no_grad():
             out_u, out_g = self.run_flows(batch, self.layers, pool=True)
         factors = self.encoders(out_u.hidden.float(), out_g.hidden.float())  # 4 x (B, L, d)
@@ -99,12 +120,24 @@ class Stage1(DualFlowModule):
             "loss_und": out_u.loss,
             "loss_gen": out_g.loss,
         }
-        terms["loss"] = (
-            self.lambda_und * terms["loss_und_injected"]
-            + self.lambda_gen * terms["loss_gen_injected"]
-            + self.lambda_perp * terms["loss_perp"]
-        )
+        if self.alignment is not None:
+            l_u2g, l_g2u = self.alignment(factors.shared_u, factors.shared_g)
+            terms["loss_align"] = (l_u2g + l_g2u) / 2  # the authors' code averages them
+        terms["loss"] = sum(self.weighted_terms(terms).values())
         return terms
+
+    def weighted_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        weighted = {
+            "und": self.lambda_und * terms["loss_und_injected"],
+            "gen": self.lambda_gen * terms["loss_gen_injected"],
+            "perp": self.lambda_perp * terms["loss_perp"],
+        }
+        if "loss_align" in terms:
+            weighted["align"] = self.hparams.lambda_sha * terms["loss_align"]
+        return weighted
+
+    def loss_terms(self, batch) -> dict[str, Tensor]:
+        return self.weighted_terms(self.diva_losses(batch))
 
     def training_step(self, batch, batch_idx: int):
         terms = self.diva_losses(batch)
@@ -123,6 +156,7 @@ class Stage1(DualFlowModule):
             readout_rank=self.hparams.readout_rank,
             injection=self.hparams.injection,
             backbone=type(self.backbone).__name__,
+            gen_pooling=self.gen_pooling,
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

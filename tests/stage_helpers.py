@@ -1,0 +1,84 @@
+"""Shared helpers of the stage tests: batches for any tiny adapter, stage-1 encoders, trainers."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from diva_lightning.data import DualFlowBatch
+from diva_lightning.objectives import FactorEncoders
+from diva_lightning.objectives.checkpoint import factor_config, save_factor_encoders
+
+CAPTIONS = [
+    "a red circle at the top left.",
+    "a blue square at the center.",
+    "two green triangles at the bottom.",
+    "a yellow star at the right.",
+]
+
+
+def batch_for(adapter, bs: int = 4, seed: int = 0) -> DualFlowBatch:
+    """A batch of ``bs`` image-text pairs with pre-tokenised codes and a 40% generation mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = adapter.tokens_per_image
+    return DualFlowBatch(
+        keys=[f"{seed}-{i}" for i in range(bs)],
+        captions=[CAPTIONS[(seed + i) % len(CAPTIONS)] for i in range(bs)],
+        prompts=["Please describe this image in detail."] * bs,
+        gen_mask=torch.rand(bs, n, generator=g) < 0.4,
+        pixels=torch.rand(bs, 3, adapter.image_size, adapter.image_size, generator=g),
+        codes=torch.randint(0, adapter.codebook_size, (bs, n), generator=g),
+    )
+
+
+def loader_for(adapter, n: int = 4, bs: int = 4) -> DataLoader:
+    return DataLoader([batch_for(adapter, bs, seed) for seed in range(n)], batch_size=None)
+
+
+def encoders_for(adapter, folder: Path, layers=(3, 6), dim: int = 16, **kwargs) -> str:
+    """Random stage-1 encoders for ``adapter``'s hidden size, saved as stage 1 would."""
+    enc = FactorEncoders(adapter.hidden_size, shared_dim=dim, **kwargs)
+    config = factor_config(enc, list(range(layers[0], layers[1] + 1)))
+    return str(save_factor_encoders(folder, enc, config))
+
+
+def trainer(**kw) -> L.Trainer:
+    kw.setdefault("logger", False)
+    return L.Trainer(
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kw,
+    )
+
+
+class LossRecorder(L.Callback):
+    """``train/<name>`` after every optimizer step."""
+
+    def __init__(self, name: str = "loss"):
+        self.name, self.values = name, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values[trainer.global_step] = float(trainer.callback_metrics[f"train/{self.name}"])
+
+
+@contextmanager
+def rank_zero_messages(caplog):
+    """Capture ``rank_zero_info`` messages in ``caplog``: they go to the ``lightning.pytorch``
+    logger, which does not propagate (and which other imports may have quietened)."""
+    logger = logging.getLogger("lightning.pytorch")
+    propagate, logger.propagate = logger.propagate, False  # each record reaches caplog once
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="lightning.pytorch"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
