@@ -148,3 +148,25 @@ def test_minimising_nce_club_lowers_true_mi_while_reconstruction_keeps_informati
     # control: same training without the CLUB term keeps far more information about y
     _, mi_control, _ = _train_encoder(use_club=False)
     assert mi_control > 3 * mi_end, (mi_start, mi_end, mi_control)
+
+
+@pytest.mark.parametrize("cls", [NCECLUB, GaussianCLUB])
+def test_critic_runs_through_its_modules_with_real_parameters(cls):
+    """DeepSpeed ZeRO-3 gathers a module's parameters in its forward pre-hook, which must see
+    the module's own ``nn.Parameter``s (a ``functional_call`` with detached copies crashed
+    stage 2 under ZeRO-3); the bound still sends no gradient to the critic."""
+    torch.manual_seed(0)
+    est = cls(4, 4, hidden=8)
+    seen = []
+
+    def hook(module, args):
+        seen.extend(type(p) is torch.nn.Parameter for p in module.parameters(recurse=False))
+
+    for module in est.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(hook)
+    x, y = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    est.upper_bound(x, y).backward()
+    assert seen and all(seen)
+    assert all(p.grad is None for p in est.parameters()) and x.grad is not None
+    assert all(p.requires_grad for p in est.parameters())

@@ -23,7 +23,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 ESTIMATORS = ("nce_club", "gaussian_club")
 
@@ -44,11 +43,20 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class _FrozenCall(nn.Module):
-    """Calls a submodule with detached parameters: gradients reach inputs, never the critic."""
+    """Calls a submodule with its parameters out of the graph: gradients reach the inputs,
+    never the critic. The module runs through its own ``__call__`` with its own parameters
+    (``requires_grad`` off for the call), so module hooks such as DeepSpeed ZeRO-3's parameter
+    gathering see what they expect; a ``functional_call`` with detached copies does not."""
 
     def frozen(self, module: nn.Module, *args: Tensor) -> Tensor:
-        params = {name: p.detach() for name, p in module.named_parameters()}
-        return functional_call(module, params, args)
+        params = [p for p in module.parameters() if p.requires_grad]
+        for param in params:
+            param.requires_grad_(False)
+        try:
+            return module(*args)
+        finally:
+            for param in params:
+                param.requires_grad_(True)
 
 
 class NCECLUB(_FrozenCall):
