@@ -74,3 +74,21 @@ def test_ema_survives_checkpoint_and_is_applied_at_end(tmp_path):
     _trainer(tmp_path, [resumed], max_steps=3).fit(Regression(), _loader(), ckpt_path=ckpt)
     assert resumed.updates == 3
     torch.testing.assert_close(resumed.shadow["net.weight"], ema.shadow["net.weight"])
+
+
+def test_state_loaded_after_fit_start_is_applied(tmp_path):
+    """DeepSpeed restores callback states after ``on_fit_start`` (restore_checkpoint_after_setup):
+    the loaded EMA weights must still replace the freshly tracked ones."""
+    torch.manual_seed(0)
+    ema = EMA(decay_start=0.5, decay_end=0.5, ramp_steps=0)
+    _trainer(tmp_path, [ema], max_steps=3).fit(Regression(), _loader())
+    saved = ema.state_dict()
+    late = EMA()
+    model = Regression()
+    trainer = _trainer(tmp_path, [late], max_steps=1)
+    trainer.strategy.connect(model)
+    late.on_fit_start(trainer, model)  # tracks the new model's weights first
+    late.load_state_dict(saved)
+    assert late.updates == 3
+    torch.testing.assert_close(late.shadow["net.weight"], ema.shadow["net.weight"])
+    assert not torch.equal(late.shadow["net.weight"], model.net.weight.detach())

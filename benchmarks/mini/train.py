@@ -137,6 +137,7 @@ def stage2_module(cfg: MiniConfig, spec: dict, base: Path, encoders: Path) -> St
         tau=cfg.tau, lambda_sha=cfg.lambda_sha, lambda_uni=cfg.lambda_uni,
         ramp_steps=max(1, int(cfg.ramp_fraction * cfg.post_steps)),
         critic_hidden=cfg.critic_hidden, critic_lr=cfg.critic_lr,
+        targets="online",  # this benchmark's runs have no EMA (v1 protocol)
     )  # fmt: skip
     options.update(spec.get("stage2", {}))
     return Stage2(

@@ -5,7 +5,10 @@ crashes under ZeRO-3 (partitioned parameters have shape ``(0,)``). This callback
 each rank actually holds: the full parameter when parameters are replicated (single device,
 DDP, ZeRO-1/2), or the rank's own partition (``param.ds_tensor``) under ZeRO-3. Its state goes
 into the checkpoint's callback state; under ZeRO-3 the per-rank partitions are gathered so the
-rank-0 client state holds every rank's shard, and each rank takes its own back on resume.
+rank-0 client state holds every rank's shard, and each rank takes its own back on resume. A
+state loaded before ``on_fit_start`` is applied there; under DeepSpeed, Lightning restores
+callback states after ``on_fit_start`` (``restore_checkpoint_after_setup``), so it is applied
+on load.
 
 The same average gives stage 2 its EMA-teacher targets (paper App. B.2: EMA "to provide stable
 targets for bidirectional alignment"): ``swapped_in`` puts the averaged weights into chosen
@@ -62,6 +65,7 @@ class EMA(Callback):
         self._last_step = -1
         self._loaded: dict | None = None
         self._sharded = False
+        self._rank = 0
 
     def _tracked(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
@@ -79,8 +83,9 @@ class EMA(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.track(pl_module)
+        self._rank = trainer.global_rank
         if self._loaded is not None:
-            self._restore(self._loaded, trainer.global_rank)
+            self._restore(self._loaded, self._rank)
             self._loaded = None
         self._last_step = trainer.global_step
 
@@ -151,7 +156,10 @@ class EMA(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.updates = state_dict["updates"]
-        self._loaded = state_dict  # applied in on_fit_start, once parameters exist
+        if self.shadow:  # already tracking (DeepSpeed restores after on_fit_start): apply now
+            self._restore(state_dict, self._rank)
+        else:
+            self._loaded = state_dict  # applied in on_fit_start, once parameters exist
 
     def _restore(self, state: dict, rank: int) -> None:
         per_rank = state["per_rank"]
