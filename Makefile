@@ -48,7 +48,7 @@ demo: ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shar
 
 bench: bench-stages bench-data ## every benchmark
 
-bench-stages: ## stage-2 step time and peak memory, DIVA vs SFT (tiny backbone)
+bench-stages: ## step time and peak memory: SFT vs stage 2 (online, EMA targets, balance cap), tiny and medium Show-o shapes
 	$(PY) benchmarks/bench_stages.py
 
 clean: ## remove caches and run outputs

@@ -1,14 +1,32 @@
-"""Stage-2 step time and peak memory: DIVA (Stage2) vs SFT on the tiny backbone, side by side.
+"""Stage-2 step time and peak memory, side by side: SFT, Stage 2 with online targets, with EMA
+targets, and with ``balance: cap``, on the tiny backbone and on a medium Show-o shape.
 
-Each arm runs in its own subprocess (so peak memory is that arm's alone): build the tiny Emu3
-backbone, run ``--warmup`` then ``--steps`` optimizer steps on identical synthetic batches, and
-report the median step time and the peak memory (CUDA: ``max_memory_allocated``; CPU: the
-process's peak RSS). Usage: ``python benchmarks/bench_stages.py [--steps 20] [--device cpu]``.
+Each (shape, arm) runs in its own subprocess (so peak memory is that arm's alone) through a
+Lightning ``Trainer`` as a user's run would: the same synthetic batch every step, the ``EMA``
+callback in every arm (the paper evaluates every arm with EMA weights), gradient clip 1.0.
+Step time is the wall time between consecutive ``on_train_batch_end`` calls after ``--warmup``
+steps; the mean is what a run pays, the median the typical step. ``balance: cap`` measures its
+scale every ``--balance-every`` steps in the timed window (so a short run sees several
+measurements); each measurement is also timed alone, and its row adds the amortised cost at
+``Stage2``'s default ``balance_every`` (one measurement per that many steps) to the median
+step: ``median + measurement / balance_every``. Arms run in ``--rounds`` rounds in
+alternating order and each arm keeps its fastest round (a shared machine only ever slows a run
+down). Peak memory is tensor memory: after the timed steps one more step (for ``cap``, one that
+measures its scale) runs under ``torch.profiler`` with memory profiling, and its peak is added
+to what lives between steps (parameters, optimizer states, EMA weights); on CUDA it is
+``max_memory_allocated``. Process RSS, which includes torch itself, is reported beside it.
+
+    python benchmarks/bench_stages.py [--shapes tiny medium] [--device cpu] [--rounds 2]
+
+Shapes: ``tiny`` = the embedded default's tiny Emu3 (8 blocks of width 64, 64 image tokens,
+middle/trainable blocks 3..6); ``medium`` = Show-o (Phi) with hidden 512, 12 blocks, 8 heads,
+256 image tokens (16 x 16), 4 middle/trainable blocks (5..8).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import resource
 import statistics
@@ -18,109 +36,224 @@ import tempfile
 import time
 from pathlib import Path
 
+ARMS = ("sft", "online", "ema", "cap")
+SHAPES = {
+    "tiny": {"batch": 8, "steps": 20, "warmup": 3, "middle": (3, 6)},
+    "medium": {"batch": 2, "steps": 10, "warmup": 2, "middle": (5, 8)},
+}
+MEDIUM_PHI = {
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 512,
+}
 
-def synthetic_batch(batch_size: int, device: str):
+
+def build_backbone(shape: str):
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.backbones.showo import ShowoAdapter
+
+    if shape == "tiny":
+        return Emu3Adapter.tiny()
+    return ShowoAdapter(config_overrides={"phi": MEDIUM_PHI, "image_size": 64})
+
+
+def synthetic_batch(backbone, batch_size: int):
     import torch
 
     from diva_lightning.data import DualFlowBatch
 
     g = torch.Generator().manual_seed(0)
+    n = backbone.tokens_per_image
     return DualFlowBatch(
         keys=[str(i) for i in range(batch_size)],
         captions=["a red circle at the top left and a blue square at the center."] * batch_size,
         prompts=["Please describe this image in detail."] * batch_size,
-        pixels=torch.rand(batch_size, 3, 32, 32, generator=g),
-        codes=None,
-        gen_mask=torch.rand(batch_size, 64, generator=g) < 0.4,
-    ).to(device)
+        codes=torch.randint(0, backbone.codebook_size, (batch_size, n), generator=g),
+        gen_mask=torch.rand(batch_size, n, generator=g) < 0.4,
+    )
 
 
-def run_arm(arm: str, steps: int, warmup: int, batch_size: int, device: str) -> dict:
-    import torch
-
-    from diva_lightning.backbones.emu3 import Emu3Adapter
+def build_module(arm: str, backbone, middle: tuple[int, int], balance_every: int):
     from diva_lightning.objectives import FactorEncoders
     from diva_lightning.objectives.checkpoint import factor_config, save_factor_encoders
     from diva_lightning.stages import SFT, Stage2
 
-    torch.manual_seed(0)
-    backbone = Emu3Adapter.tiny().to(device)
     if arm == "sft":
-        module = SFT(backbone, middle_layers=(3, 6))
-    else:
-        enc = FactorEncoders(backbone.hidden_size, shared_dim=64)
-        path = save_factor_encoders(
-            Path(tempfile.mkdtemp()) / "enc", enc, factor_config(enc, [3, 6])
-        )
-        module = Stage2(backbone, stage1_encoders=str(path), middle_layers=(3, 6), ramp_steps=0)
-    module = module.to(device)
-    module.configure_trainable()
-    module.backbone.train()
-    optimizer = torch.optim.AdamW([p for g in module.param_groups() for p in g["params"]], lr=1e-4)
-    batch = synthetic_batch(batch_size, device)
-    step = module.training_step
-    module.log = lambda *a, **k: None  # no trainer attached
+        return SFT(backbone, middle_layers=middle, lr=1e-4, warmup_steps=1)
+    enc = FactorEncoders(backbone.hidden_size, shared_dim=64)
+    layers = list(range(middle[0], middle[1] + 1))
+    path = save_factor_encoders(Path(tempfile.mkdtemp()) / "enc", enc, factor_config(enc, layers))
+    options = {"online": {"targets": "online"}, "ema": {}, "cap": {"balance": "cap"}}[arm]
+    return Stage2(
+        backbone, stage1_encoders=str(path), middle_layers=middle, ramp_steps=0, lr=1e-4,
+        warmup_steps=1, balance_every=balance_every, critic_hidden=64, **options,
+    )  # fmt: skip
+
+
+def run_arm(shape: str, arm: str, device: str, balance_every: int) -> dict:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from diva_lightning.stages.ema import EMA
+
+    spec = SHAPES[shape]
+    torch.manual_seed(0)
+    backbone = build_backbone(shape)
+    module = build_module(arm, backbone, spec["middle"], balance_every)
+    total = spec["warmup"] + spec["steps"]
+    batches = DataLoader([synthetic_batch(backbone, spec["batch"])] * total, batch_size=None)
+    ends: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, *args):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        loss = step(batch, i) if arm == "sft" else module.diva_losses(batch)["loss"]
-        optimizer.zero_grad()
+    ema = EMA()
+    trainer = L.Trainer(
+        accelerator=device, devices=1, max_steps=total, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        callbacks=[ema, Clock()], num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    measurements: list[float] = []
+    if arm == "cap":
+        measure = module.measure_balance_scale
+
+        def timed_measure(terms):
+            start = time.perf_counter()
+            scale = measure(terms)
+            measurements.append(time.perf_counter() - start)
+            return scale
+
+        module.measure_balance_scale = timed_measure
+    trainer.fit(module, batches)
+    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)][spec["warmup"] - 1 :]
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        batch = synthetic_batch(backbone, spec["batch"])
+        peak = tensor_peak_mib(module, batch, trainer.optimizers[0], ema, arm)
+    return {
+        "shape": shape,
+        "arm": arm,
+        "steps": len(steps),
+        "mean_step_s": statistics.fmean(steps),
+        "median_step_s": statistics.median(steps),
+        "peak_mib": peak,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "balance_scale": getattr(module, "balance_scale", None),
+        "measurement_s": statistics.median(measurements) if measurements else None,
+    }
+
+
+def tensor_peak_mib(module, batch, optimizer, ema, arm: str) -> float:
+    """Peak tensor memory of one training step on CPU: what lives between steps (parameters,
+    optimizer states, EMA weights) plus the step's own peak from the profiler's memory timeline.
+    """
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    states = [v for state in optimizer.state.values() for v in state.values()]
+    resident = nbytes(module.parameters()) + nbytes(states) + nbytes(ema.shadow.values())
+    optimizer.zero_grad(set_to_none=True)
+    kwargs = dict(profile_memory=True, record_shapes=True, with_stack=True)
+    with profile(activities=[ProfilerActivity.CPU], **kwargs) as prof:
+        if arm == "sft":
+            loss = sum(module.loss_terms(batch).values())
+        else:
+            terms = module.diva_losses(batch)
+            if arm == "cap":
+                module.measure_balance_scale(terms)
+            loss = module.total(terms)["loss"]
         loss.backward()
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    return {"arm": arm, "median_step_s": statistics.median(times), "peak_mib": peak}
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(module)
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return (resident + float(np.asarray(sizes).sum(1).max())) / 2**20
+
+
+def report(results: dict, args) -> str:
+    from diva_lightning.stages import Stage2
+
+    lines = [f"stage-2 step time and peak tensor memory ({args.device}, EMA callback in every "
+             f"arm, balance_every {args.balance_every}, best of {args.rounds} rounds)"]  # fmt: skip
+    for shape in args.shapes:
+        spec = SHAPES[shape]
+        rows = results[shape]
+        sft, ema = rows["sft"], rows["ema"]
+        lines += [
+            "",
+            f"{shape}: batch {spec['batch']}, {spec['steps']} timed steps after {spec['warmup']}",
+            f"{'arm':<8}{'mean step (ms)':>15}{'median':>9}{'x SFT':>7}{'x ema':>7}"
+            f"{'peak (MiB)':>12}{'x SFT':>7}{'x ema':>7}{'RSS (MiB)':>11}",
+        ]
+        for arm in ARMS:
+            r = dict(rows[arm])
+            if arm == "cap":  # amortised at the default measurement interval
+                every = inspect.signature(Stage2).parameters["balance_every"].default
+                r["mean_step_s"] = r["median_step_s"] + r["measurement_s"] / every
+                arm = f"cap/{every}"
+            lines.append(
+                f"{arm:<8}{1000 * r['mean_step_s']:>15.1f}{1000 * r['median_step_s']:>9.1f}"
+                f"{r['mean_step_s'] / sft['mean_step_s']:>7.2f}"
+                f"{r['mean_step_s'] / ema['mean_step_s']:>7.2f}{r['peak_mib']:>12.1f}"
+                f"{r['peak_mib'] / sft['peak_mib']:>7.2f}{r['peak_mib'] / ema['peak_mib']:>7.2f}"
+                f"{r['rss_mib']:>11.1f}"
+            )
+        cap = rows["cap"]
+        lines.append(
+            f"one balance measurement: {1000 * cap['measurement_s']:.0f} ms "
+            f"({cap['measurement_s'] / ema['median_step_s']:.2f} ema steps); cap with "
+            f"balance_every {args.balance_every} in the timed window: "
+            f"{1000 * cap['mean_step_s']:.1f} ms mean"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arm", choices=["sft", "diva"], help=argparse.SUPPRESS)
+    parser.add_argument("--balance-every", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench/stages.json", help="results JSON")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
-        print(json.dumps(run_arm(args.arm, args.steps, args.warmup, args.batch_size, args.device)))
+        print(json.dumps(run_arm(args.shape, args.arm, args.device, args.balance_every)))
         return
-    results = {}
-    for arm in ("sft", "diva"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--arm",
-            arm,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--batch-size",
-            str(args.batch_size),
-            "--device",
-            args.device,
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[arm] = json.loads(out.strip().splitlines()[-1])
-    sft, diva = results["sft"], results["diva"]
-    print(
-        f"stage-2 step on the tiny backbone ({args.device}, batch {args.batch_size}, {args.steps} steps)"
-    )
-    print(f"{'arm':<6} {'median step (ms)':>18} {'peak memory (MiB)':>18}")
-    for r in (sft, diva):
-        print(f"{r['arm']:<6} {1000 * r['median_step_s']:>18.1f} {r['peak_mib']:>18.1f}")
-    print(
-        f"DIVA / SFT: step time x{diva['median_step_s'] / sft['median_step_s']:.2f}, "
-        f"peak memory x{diva['peak_mib'] / sft['peak_mib']:.2f}"
-    )
+    results: dict = {}
+    for shape in args.shapes:
+        for round_ in range(args.rounds):
+            for arm in ARMS if round_ % 2 == 0 else ARMS[::-1]:
+                cmd = [sys.executable, __file__, "--shape", shape, "--arm", arm, "--device",
+                       args.device, "--balance-every", str(args.balance_every)]  # fmt: skip
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                print(f"  {shape}/{arm} round {round_}: {1000 * row['mean_step_s']:.1f} ms/step, "
+                      f"{row['peak_mib']:.1f} MiB", flush=True)  # fmt: skip
+                best = results.setdefault(shape, {}).get(arm)
+                if best is None or row["mean_step_s"] < best["mean_step_s"]:
+                    results[shape][arm] = row
+    text = report(results, args)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "report": text}, indent=1))
 
 
 if __name__ == "__main__":

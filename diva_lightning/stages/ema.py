@@ -66,6 +66,8 @@ class EMA(Callback):
         self._loaded: dict | None = None
         self._sharded = False
         self._rank = 0
+        self._chosen: dict[tuple, list[str]] = {}
+        self._params: dict[tuple, list[torch.Tensor]] = {}
 
     def _tracked(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
@@ -80,6 +82,8 @@ class EMA(Callback):
         tracked = self._tracked(pl_module)
         self.shadow = {n: _storage(p).detach().float().clone() for n, p in tracked.items()}
         self._sharded = any(hasattr(p, "ds_tensor") for p in tracked.values())
+        self._chosen.clear()
+        self._params.clear()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.track(pl_module)
@@ -115,8 +119,14 @@ class EMA(Callback):
         then sees the online weights again. Under ZeRO-3 the partitions are swapped, and any
         parameter gathered at the time (persistent, or kept for reuse) is refreshed from them.
         """
-        params = dict(pl_module.named_parameters())
-        chosen = [(params[n], self.shadow[n]) for n in names if n in self.shadow]
+        key = tuple(names)
+        if key not in self._chosen:  # resolved once per set of names
+            params = dict(pl_module.named_parameters())
+            self._chosen[key] = [n for n in key if n in self.shadow and n in params]
+            self._params[key] = [params[n] for n in self._chosen[key]]
+        chosen = list(
+            zip(self._params[key], [self.shadow[n] for n in self._chosen[key]], strict=True)
+        )
         holders = [getattr(p, "ds_tensor", p) for p, _ in chosen]
         online = [h.data for h in holders]
         with torch.no_grad():

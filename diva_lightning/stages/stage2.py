@@ -102,7 +102,7 @@ class Stage2(DualFlowModule):
         gen_pooling: str | None = None,
         balance: str = "none",
         balance_cap: float = 1.0,
-        balance_every: int = 10,
+        balance_every: int = 50,
         lr: float = 3e-5,
         weight_decay: float = 0.01,
         warmup_steps: int = 800,
@@ -169,6 +169,7 @@ class Stage2(DualFlowModule):
         self.targets = targets
         self.teacher = EMATeacher(self.layers, self.trainable_range)
         self.ema: EMA | None = None  # found among the Trainer's callbacks at fit start
+        self._teacher_names: list[str] | None = None
         self.balance_scale = 1.0
         self._balance_step = -1
         self._start_reported = False
@@ -217,7 +218,9 @@ class Stage2(DualFlowModule):
                           "weights for the targets", stacklevel=2)  # fmt: skip
             return None, None
         parts = [self.encoders] if self.train_encoders else []
-        names = self.teacher.parameter_names(self, parts)
+        if self._teacher_names is None:
+            self._teacher_names = self.teacher.parameter_names(self, parts)
+        names = self._teacher_names
         blocks = self.backbone.decoder_layers
         running = (
             blocks[self.teacher.start - 1 : self.teacher.end] if self.teacher.block_range else []
