@@ -47,9 +47,11 @@ def encoders_for(adapter, folder: Path, layers=(3, 6), dim: int = 16, **kwargs) 
     return str(save_factor_encoders(folder, enc, config))
 
 
-def trainer(**kw) -> L.Trainer:
+def trainer(root: Path, **kw) -> L.Trainer:
+    """A quiet CPU trainer whose files (stage-1 encoders, summaries) go under ``root``."""
     kw.setdefault("logger", False)
     return L.Trainer(
+        default_root_dir=root,
         accelerator="cpu",
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -127,7 +127,7 @@ def _fit_losses(tmp_path, targets, decay, steps=4):
     recorder = LossRecorder("loss_u2g")
     ema = EMA(decay_start=decay, decay_end=decay, ramp_steps=0)
     torch.manual_seed(1)
-    trainer(max_steps=steps, callbacks=[ema, recorder]).fit(module, loader_for(backbone, steps))
+    trainer(tmp_path, max_steps=steps, callbacks=[ema, recorder]).fit(module, loader_for(backbone, steps))
     return [recorder.values[s] for s in range(1, steps + 1)]
 
 
@@ -146,7 +146,7 @@ def test_ema_targets_need_the_ema_callback(tmp_path):
         backbone, stage1_encoders=encoders_for(backbone, tmp_path / "e"), middle_layers=(3, 6)
     )
     with pytest.raises(ValueError, match="add exactly one `diva_lightning.stages.ema.EMA`"):
-        trainer(max_steps=1).fit(module, loader_for(backbone, 1))
+        trainer(tmp_path, max_steps=1).fit(module, loader_for(backbone, 1))
     with pytest.raises(ValueError, match="set targets: online with it"):
         Stage2(
             backbone, stage1_encoders=encoders_for(backbone, tmp_path / "e"),

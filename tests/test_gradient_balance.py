@@ -57,7 +57,7 @@ def test_norms_cosines_and_shares_match_the_closed_form(tmp_path):
     W, b, A = toy.W.detach().numpy().copy(), toy.b.detach().numpy().copy(), toy.A.numpy()
     balance = GradientBalance(every_n_steps=1)
     loader = DataLoader([(x, y)], batch_size=None)
-    trainer(max_steps=1, callbacks=[balance], gradient_clip_val=0.5).fit(toy, loader)
+    trainer(tmp_path, max_steps=1, callbacks=[balance], gradient_clip_val=0.5).fit(toy, loader)
     (stats,) = balance.history
     r = W @ x.numpy() + b - y.numpy()
     flat = {  # (dW, db) flattened
@@ -136,7 +136,7 @@ def test_tiny_backbone_reproduces_the_old_diagnose_figures(tmp_path):
 def test_warns_once_prints_a_summary_and_writes_it(tmp_path, caplog):
     module = _stage2(tmp_path, lambda_sha=50.0)
     balance = GradientBalance(every_n_steps=2, warn_ratio=0.1)
-    run = trainer(max_steps=4, callbacks=[balance], default_root_dir=tmp_path)
+    run = trainer(tmp_path, max_steps=4, callbacks=[balance])
     warned = pytest.warns(UserWarning, match="the native losses get a small part")
     with warned as caught, rank_zero_messages(caplog):
         run.fit(module, loader_for(module.backbone, 4))
@@ -154,7 +154,7 @@ def test_balance_cap_holds_as_measured_by_gradient_balance(tmp_path):
     loud = dict(lambda_sha=20.0, lambda_und=0.02, lambda_gen=0.02)  # DIVA gradient >> native
     module = _stage2(tmp_path, **loud, balance="cap", balance_cap=cap, balance_every=1)
     balance = GradientBalance(every_n_steps=1)
-    trainer(max_steps=4, callbacks=[balance], gradient_clip_val=1.0).fit(
+    trainer(tmp_path, max_steps=4, callbacks=[balance], gradient_clip_val=1.0).fit(
         module, loader_for(module.backbone, 4)
     )
     assert len(balance.history) == 4

@@ -96,7 +96,7 @@ def test_weight_decay_skips_biases_norms_and_embeddings_unless_asked(decay_all):
     assert moved == (set(trainable) if decay_all else set(trainable) - exempt)
 
 
-def test_stage1_alignment_weight_adds_the_authors_infonce_and_aligns_the_factors():
+def test_stage1_alignment_weight_adds_the_authors_infonce_and_aligns_the_factors(tmp_path):
     backbone = Emu3Adapter.tiny()
     batch = batch_for(backbone)
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_stage1_alignment_weight_adds_the_authors_infonce_and_aligns_the_factors
     # trained on this batch, the shared factors of both flows agree more than without the term
     final = {}
     for name, module in (("plain", plain), ("aligned", aligned)):
-        trainer(max_steps=30).fit(module, DataLoader([batch] * 30, batch_size=None))
+        trainer(tmp_path, max_steps=30).fit(module, DataLoader([batch] * 30, batch_size=None))
         module.eval()
         with torch.no_grad():
             out_u, out_g = module.run_flows(batch, module.layers)
@@ -131,7 +131,7 @@ def test_first_stage2_step_reports_infonce_beside_log_batch(tmp_path, caplog):
                 recorded.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     with rank_zero_messages(caplog):
-        trainer(max_steps=2, callbacks=[Grab()]).fit(module, loader_for(module.backbone, 2))
+        trainer(tmp_path, max_steps=2, callbacks=[Grab()]).fit(module, loader_for(module.backbone, 2))
     assert recorded["train/infonce_chance"] == pytest.approx(math.log(4))
     start = (recorded["train/loss_u2g"] + recorded["train/loss_g2u"]) / 2
     assert recorded["train/infonce_start"] == pytest.approx(start)
