@@ -132,16 +132,19 @@ def format_summary(summary: dict[str, float]) -> str:
     """A plain-text table: per term and group, mean norm, clipped norm, share, cos with native."""
     names = [k.removeprefix("norm/") for k in summary if k.startswith("norm/")]
     lines = [
-        f"gradient balance over {summary['measured_steps']} measured steps "
-        f"(mean clip scale {summary['clip_scale']:.3f})",
+        f"gradient balance over {summary['measured_steps']} measured steps: total gradient norm "
+        f"{summary['norm/total']:.4f}, mean clip scale {summary['clip_scale']:.3f}",
         f"{'term':<12}{'norm':>10}{'after clip':>12}{'share':>8}{'cos(native)':>13}",
     ]
-    for name in names:
-        share = summary.get(f"share/{name}")
+
+    def cell(value: float | None, width: int, fmt: str) -> str:
+        return f"{'-' if value is None or value != value else format(value, fmt):>{width}}"
+
+    for name in (n for n in names if n != "total"):
+        cos = None if name == "native" else cosine(summary, name, "native")
         lines.append(
-            f"{name:<12}{summary[f'norm/{name}']:>10.4f}"
-            f"{summary.get(f'clipped_norm/{name}', float('nan')):>12.4f}"
-            f"{'' if share is None else f'{share:.3f}':>8}"
-            f"{cosine(summary, name, 'native'):>13.3f}"
+            f"{name:<12}{cell(summary[f'norm/{name}'], 10, '.4f')}"
+            f"{cell(summary.get(f'clipped_norm/{name}'), 12, '.4f')}"
+            f"{cell(summary.get(f'share/{name}'), 8, '.3f')}{cell(cos, 13, '.3f')}"
         )
     return "\n".join(lines)
