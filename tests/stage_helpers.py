@@ -47,6 +47,22 @@ def encoders_for(adapter, folder: Path, layers=(3, 6), dim: int = 16, **kwargs) 
     return str(save_factor_encoders(folder, enc, config))
 
 
+def tiny_stage2(tmp_path: Path, **kwargs):
+    """Stage 2 on a tiny Emu3 (middle blocks 3..6, no ramp, online targets unless overridden),
+    trainable blocks unfrozen and in train mode."""
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.stages import Stage2
+
+    torch.manual_seed(0)
+    backbone = Emu3Adapter.tiny()
+    options = dict(middle_layers=(3, 6), ramp_steps=0, critic_hidden=16, targets="online")
+    encoders = encoders_for(backbone, tmp_path / "enc")
+    module = Stage2(backbone, stage1_encoders=encoders, **{**options, **kwargs})
+    module.configure_trainable()
+    module.backbone.train()
+    return module
+
+
 def trainer(root: Path, **kw) -> L.Trainer:
     """A quiet CPU trainer whose files (stage-1 encoders, summaries) go under ``root``."""
     kw.setdefault("logger", False)

@@ -127,7 +127,9 @@ def _fit_losses(tmp_path, targets, decay, steps=4):
     recorder = LossRecorder("loss_u2g")
     ema = EMA(decay_start=decay, decay_end=decay, ramp_steps=0)
     torch.manual_seed(1)
-    trainer(tmp_path, max_steps=steps, callbacks=[ema, recorder]).fit(module, loader_for(backbone, steps))
+    trainer(tmp_path, max_steps=steps, callbacks=[ema, recorder]).fit(
+        module, loader_for(backbone, steps)
+    )
     return [recorder.values[s] for s in range(1, steps + 1)]
 
 

@@ -11,10 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.mini.diagnose import term_gradients as diagnose_terms
-from diva_lightning.backbones.emu3 import Emu3Adapter
-from diva_lightning.stages import Stage2
 from diva_lightning.stages.balance import GradientBalance, cosine
-from tests.stage_helpers import batch_for, encoders_for, loader_for, rank_zero_messages, trainer
+from tests.stage_helpers import (
+    batch_for,
+    loader_for,
+    rank_zero_messages,
+    tiny_stage2,
+    trainer,
+)
 
 
 class Toy(L.LightningModule):
@@ -82,18 +86,6 @@ def test_norms_cosines_and_shares_match_the_closed_form(tmp_path):
     assert stats["norm/total"] == pytest.approx(np.linalg.norm(total), rel=1e-6)
 
 
-def _stage2(tmp_path, **kwargs):
-    torch.manual_seed(0)
-    backbone = Emu3Adapter.tiny()
-    options = dict(middle_layers=(3, 6), ramp_steps=0, critic_hidden=16, targets="online")
-    module = Stage2(
-        backbone, stage1_encoders=encoders_for(backbone, tmp_path / "enc"), **{**options, **kwargs}
-    )
-    module.configure_trainable()
-    module.backbone.train()
-    return module
-
-
 def _old_diagnose(module, batch, lambda_sha, lambda_uni):
     """The figures of the former ``benchmarks/mini/diagnose.py``, computed its way (flat)."""
     terms = module.diva_losses(batch)
@@ -125,7 +117,7 @@ def _old_diagnose(module, batch, lambda_sha, lambda_uni):
 
 
 def test_tiny_backbone_reproduces_the_old_diagnose_figures(tmp_path):
-    module = _stage2(tmp_path)
+    module = tiny_stage2(tmp_path)
     batch = batch_for(module.backbone)
     old = _old_diagnose(module, batch, 0.6, 0.6)
     new = diagnose_terms(module, batch)
@@ -134,7 +126,7 @@ def test_tiny_backbone_reproduces_the_old_diagnose_figures(tmp_path):
 
 
 def test_warns_once_prints_a_summary_and_writes_it(tmp_path, caplog):
-    module = _stage2(tmp_path, lambda_sha=50.0)
+    module = tiny_stage2(tmp_path, lambda_sha=50.0)
     balance = GradientBalance(every_n_steps=2, warn_ratio=0.1)
     run = trainer(tmp_path, max_steps=4, callbacks=[balance])
     warned = pytest.warns(UserWarning, match="the native losses get a small part")
@@ -152,7 +144,7 @@ def test_warns_once_prints_a_summary_and_writes_it(tmp_path, caplog):
 def test_balance_cap_holds_as_measured_by_gradient_balance(tmp_path):
     cap = 0.5
     loud = dict(lambda_sha=20.0, lambda_und=0.02, lambda_gen=0.02)  # DIVA gradient >> native
-    module = _stage2(tmp_path, **loud, balance="cap", balance_cap=cap, balance_every=1)
+    module = tiny_stage2(tmp_path, **loud, balance="cap", balance_cap=cap, balance_every=1)
     balance = GradientBalance(every_n_steps=1)
     trainer(tmp_path, max_steps=4, callbacks=[balance], gradient_clip_val=1.0).fit(
         module, loader_for(module.backbone, 4)
@@ -163,7 +155,7 @@ def test_balance_cap_holds_as_measured_by_gradient_balance(tmp_path):
         assert row["norm/diva"] == pytest.approx(cap * row["norm/native"], rel=1e-4)  # active
     assert module.balance_scale < 1
     # without the cap the same run's DIVA gradient is far above it
-    free = _stage2(tmp_path, **loud)
+    free = tiny_stage2(tmp_path, **loud)
     stats = GradientBalance.measure(free, batch_for(free.backbone))
     assert stats["norm/diva"] > 2 * cap * stats["norm/native"]
     assert math.isfinite(stats["norm/total"])

@@ -11,25 +11,21 @@ from diva_lightning.objectives import FactorEncoders, SharedAlignment
 from diva_lightning.objectives.checkpoint import load_factor_encoders
 from diva_lightning.stages import SFT, Stage1, Stage2
 from diva_lightning.stages.ema import EMA
-from tests.stage_helpers import batch_for, encoders_for, loader_for, rank_zero_messages, trainer
-
-
-def _stage2(tmp_path, **kwargs):
-    torch.manual_seed(0)
-    backbone = Emu3Adapter.tiny()
-    options = dict(middle_layers=(3, 6), ramp_steps=0, critic_hidden=16, targets="online")
-    module = Stage2(
-        backbone, stage1_encoders=encoders_for(backbone, tmp_path / "enc"), **{**options, **kwargs}
-    )
-    module.configure_trainable()
-    return module
+from tests.stage_helpers import (
+    batch_for,
+    encoders_for,
+    loader_for,
+    rank_zero_messages,
+    tiny_stage2,
+    trainer,
+)
 
 
 def test_alignment_mean_is_exactly_half_of_sum(tmp_path):
     batch = batch_for(Emu3Adapter.tiny())
     diva = {}
     for reduction in ("sum", "mean"):
-        module = _stage2(tmp_path, alignment_reduction=reduction, lambda_uni=0.0)
+        module = tiny_stage2(tmp_path, alignment_reduction=reduction, lambda_uni=0.0)
         terms = module.diva_losses(batch)
         diva[reduction] = terms["loss_model"] - terms["loss_und"] - terms["loss_gen"]
         expected = 0.6 * (terms["loss_u2g"] + terms["loss_g2u"])
@@ -121,7 +117,7 @@ def test_stage1_alignment_weight_adds_the_authors_infonce_and_aligns_the_factors
 
 
 def test_first_stage2_step_reports_infonce_beside_log_batch(tmp_path, caplog):
-    module = _stage2(tmp_path, targets="ema", gather_negatives=False)
+    module = tiny_stage2(tmp_path, targets="ema", gather_negatives=False)
     recorded = {}
 
     class Grab(EMA):
@@ -131,7 +127,9 @@ def test_first_stage2_step_reports_infonce_beside_log_batch(tmp_path, caplog):
                 recorded.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     with rank_zero_messages(caplog):
-        trainer(tmp_path, max_steps=2, callbacks=[Grab()]).fit(module, loader_for(module.backbone, 2))
+        trainer(tmp_path, max_steps=2, callbacks=[Grab()]).fit(
+            module, loader_for(module.backbone, 2)
+        )
     assert recorded["train/infonce_chance"] == pytest.approx(math.log(4))
     start = (recorded["train/loss_u2g"] + recorded["train/loss_g2u"]) / 2
     assert recorded["train/infonce_start"] == pytest.approx(start)
