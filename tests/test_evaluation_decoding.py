@@ -72,7 +72,7 @@ def test_greedy_captions_equal_an_argmax_loop_over_raw_ids(captions):
 
 
 def test_finished_captions_leave_the_batch_without_changing_the_others():
-    torch.manual_seed(3)
+    torch.manual_seed(4)  # a seed whose random head ends captions at different steps
     adapter = Emu3Adapter.tiny()
     adapter.eval()
     vocab = adapter.tokenizer.get_vocab()

@@ -20,8 +20,9 @@ circle square triangle star cross diamond heart hexagon ring rectangle ellipse p
 red green blue yellow purple orange cyan magenta white black gray grey pink brown
 top bottom left right center centre middle upper lower corner row column
 . , : ; ? ! - ' "
+far yes no
 """
-WORDS = _WORD_TEXT.split()
+WORDS = _WORD_TEXT.split()  # append only: a word's id must not change
 
 
 def build_word_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTokenizerFast:

@@ -33,18 +33,39 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 ROW_NAMES_3 = ("top", "middle", "bottom")
 COL_NAMES_3 = ("left", "center", "right")
+ROW_NAMES_4 = ("top", "upper", "lower", "bottom")
+COL_NAMES_4 = ("far left", "left", "right", "far right")
 NUMBER_WORDS = ("one", "two", "three", "four", "five")
 
 
 def cell_name(row: int, col: int, grid: int) -> str:
-    """Natural name of a grid cell: 3x3 names ("top left", "center", ...), else "row two column
-    one" (number words up to five, digits beyond: digits are outside the tiny vocabulary)."""
+    """Natural name of a grid cell: 3x3 names ("top left", "center", ...), 4x4 names ("upper far
+    left", ...), else "row two column one" (number words up to five, digits beyond: digits are
+    outside the tiny vocabulary)."""
+    if grid == 4:
+        return f"{ROW_NAMES_4[row]} {COL_NAMES_4[col]}"
     if grid != 3:
         word = lambda i: NUMBER_WORDS[i] if i < len(NUMBER_WORDS) else str(i + 1)  # noqa: E731
         return f"row {word(row)} column {word(col)}"
     if (row, col) == (1, 1):
         return "center"
     return f"{ROW_NAMES_3[row]} {COL_NAMES_3[col]}"
+
+
+def draw_objects(image: Image.Image, objects: list[dict]) -> None:
+    """Draw ``objects`` (shape, colour, centre, box) onto ``image``, without anti-aliasing."""
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        x0, y0, x1, y1 = obj["bbox"]
+        (cx, cy), fill = obj["center"], PALETTE[obj["colour"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj["shape"] == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif obj["shape"] == "triangle":
+            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
 
 
 def _sample_seed(seed: int, index: int) -> int:
@@ -115,18 +136,7 @@ class ShapesWorld:
     def render(self, objects: list[dict]) -> Image.Image:
         """Draw ``objects`` (as returned by ``objects``) into an RGB image."""
         image = Image.new("RGB", (self.image_size, self.image_size), self.background)
-        draw = ImageDraw.Draw(image)
-        for obj in objects:
-            x0, y0, x1, y1 = obj["bbox"]
-            (cx, cy), fill = obj["center"], PALETTE[obj["colour"]]
-            if obj["shape"] == "circle":
-                draw.ellipse((x0, y0, x1, y1), fill=fill)
-            elif obj["shape"] == "square":
-                draw.rectangle((x0, y0, x1, y1), fill=fill)
-            elif obj["shape"] == "triangle":
-                draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-            else:  # diamond
-                draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+        draw_objects(image, objects)
         return image
 
     @staticmethod

@@ -18,7 +18,12 @@ import re
 from diva_lightning.data.shapes import ShapesWorld, cell_name
 
 DISTRACTOR_KINDS = ("colour", "shape", "position", "count")
-_PART = re.compile(r"^an?\s+(?P<colour>\S+)\s+(?P<shape>\S+)\s+at\s+the\s+(?P<where>.+)$")
+BINDING_KINDS = ("bind_colour", "bind_shape", "bind_size")  # swap an attribute between objects
+SIZE_WORDS = {"small": "small", "large": "large", "big": "large"}
+_PART = re.compile(
+    r"(?:^|\s)an?\s+(?:(?P<size>small|large|big)\s+)?(?P<colour>\S+)\s+(?P<shape>\S+)"
+    r"\s+at\s+the\s+(?P<where>.+)$"
+)
 
 
 def position_cells(world: ShapesWorld) -> dict[str, tuple[int, int]]:
@@ -37,19 +42,20 @@ def parse_caption(text: str, world: ShapesWorld) -> list[dict]:
     parts = re.split(r"\s*,\s*|\s+and\s+", sentence.strip())
     objects = []
     for part in parts:
-        match = _PART.match(part.strip())
+        match = _PART.search(part.strip())  # search: world v2 captions may open with a phrase
         if match is None:
             continue
         where = " ".join(match["where"].split())
         cell = cells.get(where)
-        objects.append(
-            {
-                "colour": match["colour"] if match["colour"] in world.colours else None,
-                "shape": match["shape"] if match["shape"] in world.shapes else None,
-                "cell": list(cell) if cell else None,
-                "position": where if cell else None,
-            }
-        )
+        obj = {
+            "colour": match["colour"] if match["colour"] in world.colours else None,
+            "shape": match["shape"] if match["shape"] in world.shapes else None,
+            "cell": list(cell) if cell else None,
+            "position": where if cell else None,
+        }
+        if hasattr(world, "sizes"):  # world v2: "big" is "large"
+            obj["size"] = SIZE_WORDS.get(match["size"] or "")
+        objects.append(obj)
     return objects
 
 
@@ -85,10 +91,43 @@ def distractor(objects: list[dict], kind: str, world: ShapesWorld, rng: random.R
         else:
             row, col = rng.choice(empty)
             objs.append(world.place(rng.choice(world.shapes), rng.choice(world.colours), row, col))
+    elif kind in BINDING_KINDS:
+        return binding_swap(objs, kind.removeprefix("bind_"), world, rng)
     else:
-        raise ValueError(f"distractor kind must be one of {DISTRACTOR_KINDS}, got {kind!r}")
+        raise ValueError(
+            f"distractor kind must be one of {DISTRACTOR_KINDS + BINDING_KINDS}, got {kind!r}"
+        )
     objs.sort(key=lambda o: tuple(o["cell"]))  # captions list objects in cell order
     return world.describe(objs)
+
+
+def binding_swap(
+    objects: list[dict], attribute: str, world: ShapesWorld, rng: random.Random
+) -> str:
+    """The caption with ``attribute`` swapped between two objects that differ in it: the same
+    bag of colours, shapes and sizes, bound to the wrong objects (a binding distractor)."""
+    pairs = [
+        (i, j)
+        for i in range(len(objects))
+        for j in range(i + 1, len(objects))
+        if objects[i].get(attribute) != objects[j].get(attribute)
+    ]
+    if not pairs:
+        raise ValueError(f"no two objects differ in {attribute}: no binding distractor")
+    i, j = rng.choice(pairs)
+    objs = [dict(o) for o in objects]
+    objs[i][attribute], objs[j][attribute] = objects[j][attribute], objects[i][attribute]
+    objs.sort(key=lambda o: tuple(o["cell"]))
+    return world.describe(objs)
+
+
+def binding_kinds(objects: list[dict]) -> tuple[str, ...]:
+    """The binding distractor kinds that exist for ``objects`` (two objects must differ)."""
+    return tuple(
+        kind
+        for kind in BINDING_KINDS
+        if len({o.get(kind.removeprefix("bind_")) for o in objects}) > 1
+    )
 
 
 def distractors(

@@ -6,13 +6,14 @@ down instead of learned:
 
 1. colour segmentation: every pixel takes the nearest colour among the background and the
    palette (RGB distance); non-background pixels are foreground;
-2. connected components (8-connectivity) of the foreground; components smaller than
+2. connected components (8-connectivity) of each colour's pixels; components smaller than
    ``min_area`` pixels are noise and dropped;
 3. each component belongs to the grid cell of its centroid; components in one cell are merged
    (the world puts at most one object per cell);
 4. colour = majority palette colour of the object's pixels; shape = the template (each shape
    drawn by the world's own renderer) with the highest IoU over small shifts around the
-   centroid, ``None`` when no template reaches ``min_iou``.
+   centroid, ``None`` when no template reaches ``min_iou``. In world v2 there is one template
+   per shape and size, so the best template also names the size.
 """
 
 from __future__ import annotations
@@ -36,15 +37,19 @@ class Detection:
     cell: tuple[int, int]  # (row, col) of the centroid's grid cell
     area: int  # pixels
     iou: float  # IoU with the chosen shape's template
+    size: str | None = None  # world v2: the size of the best template
 
     def as_object(self, grid: int) -> dict:
-        """The world's object format (``shape``, ``colour``, ``cell``, ``position``)."""
-        return {
+        """The world's object format (``shape``, ``colour``, ``cell``, ``position``, v2 ``size``)."""
+        obj = {
             "shape": self.shape,
             "colour": self.colour,
             "cell": list(self.cell),
             "position": cell_name(*self.cell, grid),
         }
+        if self.size is not None:
+            obj["size"] = self.size
+        return obj
 
 
 def connected_components(mask: np.ndarray) -> list[np.ndarray]:
@@ -91,13 +96,17 @@ class ShapesDetector:
         self.colour_names = ["background", *world.colours]
         rgb = [world.background] + [PALETTE[c] for c in world.colours]
         self.rgb = np.array(rgb, dtype=np.float32)  # (C + 1, 3)
-        self.templates = {shape: self._template(shape) for shape in world.shapes}
+        sizes = getattr(world, "sizes", (None,))
+        self.templates = {
+            (shape, size): self._template(shape, size) for shape in world.shapes for size in sizes
+        }
         self.cell_size = world.image_size / world.grid
 
-    def _template(self, shape: str) -> np.ndarray:
-        """Binary mask (H, W) of ``shape`` drawn by the world at the centre cell."""
+    def _template(self, shape: str, size: str | None = None) -> np.ndarray:
+        """Binary mask (H, W) of ``shape`` (of ``size``, world v2) drawn by the world."""
         middle = self.world.grid // 2
-        obj = self.world.place(shape, self.world.colours[0], middle, middle)
+        extra = {} if size is None else {"size": size}
+        obj = self.world.place(shape, self.world.colours[0], middle, middle, **extra)
         image = np.asarray(self.world.render([obj]), dtype=np.float32)
         mask = self._labels(image) > 0
         ys, xs = np.nonzero(mask)
@@ -119,7 +128,12 @@ class ShapesDetector:
             raise ValueError(f"image must be ({size}, {size}, 3) RGB, got {pixels.shape}")
         labels = self._labels(pixels)
         by_cell: dict[tuple[int, int], list[np.ndarray]] = {}
-        for component in connected_components(labels > 0):
+        components = [  # per colour: touching objects of different colours stay apart
+            c
+            for label in np.unique(labels[labels > 0])
+            for c in connected_components(labels == label)
+        ]
+        for component in components:
             if len(component) < self.min_area:
                 continue
             cy, cx = component.mean(0)
@@ -139,9 +153,12 @@ class ShapesDetector:
         mask = np.zeros(labels.shape, dtype=bool)
         mask[pixels[:, 0], pixels[:, 1]] = True
         centre = pixels.mean(0)
-        scores = {shape: self._best_iou(mask, centre, t) for shape, t in self.templates.items()}
-        shape, iou = max(scores.items(), key=lambda kv: kv[1])
-        return Detection(colour, shape if iou >= self.min_iou else None, cell, len(pixels), iou)
+        scores = {key: self._best_iou(mask, centre, t) for key, t in self.templates.items()}
+        (shape, size), iou = max(scores.items(), key=lambda kv: kv[1])
+        named = iou >= self.min_iou
+        return Detection(
+            colour, shape if named else None, cell, len(pixels), iou, size if named else None
+        )
 
     def _best_iou(self, mask: np.ndarray, centre: np.ndarray, template: np.ndarray) -> float:
         """Highest IoU of ``template`` placed with its centroid near ``centre``."""

@@ -12,7 +12,13 @@ most one object per cell, so objects are matched by cell:
 * ``exact``: fraction of samples with every object right and the right count (GenEval's
   per-image "correct");
 * ``score``: mean of position, colour, shape and count (the headline number, like GenEval's
-  mean over its tasks).
+  mean over its tasks);
+* world v2 objects also carry a ``size``: ``size`` is its accuracy, and ``object`` / ``exact``
+  need it right too.
+
+``bag_scores`` ignores binding: per sample, the fraction of the true colours, shapes and sizes
+found anywhere among the predictions (multisets). Swapping colours between two objects keeps
+the bags and breaks ``object``: together they separate knowing the attributes from binding them.
 
 Multiple choice (understanding): the model ranks the true caption among distractors that differ
 in one attribute by its likelihood; ``mc_accuracy`` is the fraction of samples whose true caption
@@ -32,16 +38,18 @@ def match_objects(predicted: Sequence[dict], truth: Sequence[dict]) -> dict[str,
     for obj in predicted:  # the first prediction in a cell is the one scored
         if obj.get("cell") is not None:
             by_cell.setdefault(tuple(obj["cell"]), obj)
-    hits = {"position": 0, "colour": 0, "shape": 0, "object": 0}
+    hits = {"position": 0, "colour": 0, "shape": 0, "size": 0, "object": 0}
     for obj in truth:
         guess = by_cell.get(tuple(obj["cell"]))
         if guess is None:
             continue
         colour, shape = guess["colour"] == obj["colour"], guess["shape"] == obj["shape"]
+        size = guess.get("size") == obj["size"] if "size" in obj else True
         hits["position"] += 1
         hits["colour"] += colour
         hits["shape"] += shape
-        hits["object"] += colour and shape
+        hits["size"] += size
+        hits["object"] += colour and shape and size
     count_ok = len(predicted) == len(truth)
     return {
         **hits,
@@ -62,10 +70,32 @@ def object_scores(
     rows = [match_objects(p, t) for p, t in zip(predicted, truth, strict=True)]
     objects = sum(r["objects"] for r in rows)
     scores = {k: sum(r[k] for r in rows) / objects for k in ("position", "colour", "shape")}
+    if any("size" in o for sample in truth for o in sample):
+        scores["size"] = sum(r["size"] for r in rows) / objects
     scores["object"] = sum(r["object"] for r in rows) / objects
     scores["count"] = sum(r["count"] for r in rows) / len(rows)
     scores["exact"] = sum(r["exact"] for r in rows) / len(rows)
     scores["score"] = sum(scores[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
+    return scores
+
+
+def bag_scores(
+    predicted: Sequence[Sequence[dict]], truth: Sequence[Sequence[dict]]
+) -> dict[str, float]:
+    """Binding-blind recall of the true colours, shapes (and sizes), as multisets -> ``bag_<a>``
+    per attribute and ``bag_score`` their mean."""
+    attributes = [a for a in ("colour", "shape", "size") if any(a in o for t in truth for o in t)]
+    found = {a: 0 for a in attributes}
+    total = sum(len(t) for t in truth)
+    for guess, true in zip(predicted, truth, strict=True):
+        for a in attributes:
+            pool = [o.get(a) for o in guess]
+            for obj in true:
+                if obj[a] in pool:
+                    pool.remove(obj[a])
+                    found[a] += 1
+    scores = {f"bag_{a}": found[a] / total for a in attributes}
+    scores["bag_score"] = sum(scores.values()) / len(attributes)
     return scores
 
 
