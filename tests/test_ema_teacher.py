@@ -139,7 +139,7 @@ def test_ema_with_decay_zero_gives_the_online_loss(tmp_path):
     # with a real decay the targets lag behind the online weights: the curve differs
     lagging = _fit_losses(tmp_path, "ema", 0.9)
     assert lagging[0] == pytest.approx(online[0], rel=1e-5)  # step 0: EMA == initial weights
-    assert abs(lagging[-1] - online[-1]) > 1e-4
+    assert abs(lagging[-1] - online[-1]) > 1e-5  # decay 0 matches to ~1e-7
 
 
 def test_ema_targets_need_the_ema_callback(tmp_path):
