@@ -168,3 +168,24 @@ def test_geneval_categories_on_ground_truth_and_corrupted_images(world):
     empty = geneval_scores(cats, [[] for _ in truth], truth)
     assert empty["gen_overall"] == 0.0
     assert np.isfinite(list(clean.values())).all()
+
+
+def test_prepare_writes_only_the_asked_split_of_world_v2(tmp_path):
+    import json
+    import tarfile
+
+    from diva_lightning.data.prepare import prepare
+
+    prepare(str(tmp_path / "val"), synthetic=12, synthetic_world="v2", synthetic_split="val",
+            seed=4, max_count=8, quiet=True)  # fmt: skip
+    metas = []
+    for shard in sorted((tmp_path / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            metas += [
+                json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")
+            ]
+    world = ShapesWorldV2(seed=4)
+    assert len(metas) == 12 and all(world.split_of(m["objects"]) == "val" for m in metas)
+    assert [m["index"] for m in metas] == world.split_indices("val", 12)
+    with pytest.raises(ValueError, match="needs --synthetic_world v2"):
+        prepare(str(tmp_path / "bad"), synthetic=2, synthetic_split="val", quiet=True)

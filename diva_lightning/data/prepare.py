@@ -35,6 +35,7 @@ from tqdm import tqdm
 from diva_lightning.backbones.base import BackboneAdapter
 from diva_lightning.data.decode import SkipSample, decode_rgb, load_pixels
 from diva_lightning.data.shapes import ShapesWorld
+from diva_lightning.data.shapes_v2 import ShapesWorldV2
 from diva_lightning.data.skips import SkipCounter
 from diva_lightning.data.sources import SourceItem, folder_items, synthetic_items
 
@@ -126,6 +127,8 @@ def prepare(
     max_count: int = 1000,
     image_format: Literal["keep", "png", "jpg"] = "keep",
     synthetic_image_size: int = 32,
+    synthetic_world: str = "v1",
+    synthetic_split: str | None = None,
     seed: int = 0,
     prefix: str = "shard",
     batch_size: int = 32,
@@ -145,6 +148,10 @@ def prepare(
         max_count: most samples per shard.
         image_format: ``keep`` the input bytes (synthetic: PNG), or re-encode as ``png``/``jpg``.
         synthetic_image_size: image side of the shapes world.
+        synthetic_world: ``v1`` (the original world) or ``v2`` (``ShapesWorldV2``: harder, with
+            image-only and caption-only content).
+        synthetic_split: world v2 only: write only scenes of this split (``pretrain``, ``post``,
+            ``val``, ``eval``; disjoint by construction).
         seed: seed of the shapes world.
         prefix: shard file name prefix.
         batch_size: images per VQ tokenisation call.
@@ -158,9 +165,17 @@ def prepare(
         raise ValueError("prepare: give either --synthetic N or --images/--captions (not both)")
     out_dir = Path(out)
     if synthetic > 0:
-        world = ShapesWorld(image_size=synthetic_image_size, seed=seed)
+        world, indices = synthetic_world_of(synthetic_world, synthetic_image_size, seed), None
+        if synthetic_split is not None:
+            if synthetic_world != "v2":
+                raise ValueError("prepare: --synthetic_split needs --synthetic_world v2")
+            indices = world.split_indices(synthetic_split, synthetic)
         fmt = "png" if image_format == "keep" else image_format
-        items, total, source = synthetic_items(synthetic, world, fmt), synthetic, "synthetic"
+        items = synthetic_items(synthetic, world, fmt, indices)
+        total, source = (
+            synthetic,
+            f"synthetic {synthetic_world}" + (f" {synthetic_split}" if synthetic_split else ""),
+        )
     else:
         items, total, source = folder_items(images, captions), None, str(captions or images)
     _check_out(out_dir, prefix, overwrite)
@@ -179,6 +194,14 @@ def prepare(
             f" to {out_dir}\n{skips.summary()}"
         )
     return summary
+
+
+def synthetic_world_of(name: str, image_size: int, seed: int) -> ShapesWorld:
+    """The shapes world ``v1`` or ``v2`` with ``image_size`` and ``seed``."""
+    if name not in ("v1", "v2"):
+        raise ValueError(f"prepare: synthetic_world must be 'v1' or 'v2', got {name!r}")
+    world = ShapesWorldV2 if name == "v2" else ShapesWorld
+    return world(image_size=image_size, seed=seed)
 
 
 def _write_item(writer, skips, index, item, image_format, ceiling, min_side) -> None:

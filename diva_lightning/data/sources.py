@@ -128,9 +128,12 @@ def folder_items(images: str | Path, captions: str | Path | None) -> Iterator[So
     raise ValueError(f"prepare: captions must be a .jsonl or .csv file, got '{captions}'")
 
 
-def synthetic_items(count: int, world: ShapesWorld, image_format: str) -> Iterator[SourceItem]:
-    """``count`` shapes-world samples, encoded as PNG (exact pixels) or JPEG."""
-    for index in range(count):
+def synthetic_items(
+    count: int, world: ShapesWorld, image_format: str, indices: list[int] | None = None
+) -> Iterator[SourceItem]:
+    """``count`` shapes-world samples (or those of ``indices``), encoded as PNG (exact pixels)
+    or JPEG."""
+    for index in range(count) if indices is None else indices:
         image, caption, meta = world.sample(index)
         buffer = io.BytesIO()
         if image_format == "jpg":
