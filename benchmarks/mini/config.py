@@ -41,6 +41,7 @@ class MiniConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: tuple[str, ...] = DEFAULT_ARMS
     # world, tokenizer and shards
+    world: str = "v1"  # "v2": diva_lightning.data.shapes_v2 (splits disjoint by scene)
     train_samples: int = 8192
     val_samples: int = 256
     eval_samples: int = 128
@@ -83,6 +84,7 @@ class MiniConfig:
     def base_key(self) -> str:
         """Hash of everything the cached shards, tokenizer and base checkpoint depend on."""
         keys = [
+            "world",
             "backbone",
             "max_text_len",
             "train_samples",

@@ -5,6 +5,10 @@
 * world seed 1: validation shards (the loss curves);
 * world seed 2: the evaluation set, in memory, keeping only samples whose caption never occurs in
   the training shards (held-out prompts AND images: the caption determines the image).
+
+World v2 (``cfg.world == "v2"``): one world seed, and the sets are its splits, disjoint by scene
+(``ShapesWorldV2.split_of``): training shards from ``pretrain``, validation from ``val``, the
+evaluation set from ``eval``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from benchmarks.mini.config import MiniConfig
 from benchmarks.mini.tokenizer import PatchTokenizer
-from diva_lightning.data.prepare import prepare
+from diva_lightning.data.prepare import prepare, synthetic_world_of
 from diva_lightning.data.shapes import ShapesWorld
 
 TRAIN_SEED, VAL_SEED, EVAL_SEED = 0, 1, 2
@@ -36,9 +40,12 @@ def build_tokenizer(cfg: MiniConfig, path: Path) -> tuple[PatchTokenizer, dict]:
     """Fit (or load) the patch tokenizer on training images only."""
     if path.exists():
         return PatchTokenizer.load(path), {}
-    world = ShapesWorld(image_size=IMAGE_SIZE, seed=TRAIN_SEED)
+    world = synthetic_world_of(cfg.world, IMAGE_SIZE, TRAIN_SEED)
+    indices = range(cfg.tokenizer_fit_images)
+    if cfg.world == "v2":
+        indices = world.split_indices("pretrain", cfg.tokenizer_fit_images)
     tokenizer = PatchTokenizer(IMAGE_SIZE, patch=PATCH, codebook_size=cfg.codebook_size)
-    stats = tokenizer.fit(render(world, range(cfg.tokenizer_fit_images)))
+    stats = tokenizer.fit(render(world, indices))
     tokenizer.save(path)
     return tokenizer, stats
 
@@ -46,16 +53,18 @@ def build_tokenizer(cfg: MiniConfig, path: Path) -> tuple[PatchTokenizer, dict]:
 def write_shards(cfg: MiniConfig, root: Path, tokenizer: PatchTokenizer) -> dict[str, Path]:
     """Training and validation shards with codes (skipped when already complete)."""
     splits = {
-        "train": (cfg.train_samples, TRAIN_SEED, 1024),
-        "val": (cfg.val_samples, VAL_SEED, 64),
+        "train": (cfg.train_samples, TRAIN_SEED, 1024, "pretrain"),
+        "val": (cfg.val_samples, VAL_SEED, 64, "val"),
     }
     paths = {}
-    for split, (count, seed, per_shard) in splits.items():
+    for split, (count, seed, per_shard, v2_split) in splits.items():
         out = root / split
+        v2 = {"synthetic_world": "v2", "synthetic_split": v2_split} if cfg.world == "v2" else {}
+        seed = TRAIN_SEED if v2 else seed  # v2: one world, its splits are disjoint by scene
         if not (out / "summary.json").exists():
             prepare(
                 str(out), synthetic=count, seed=seed, backbone=tokenizer, max_count=per_shard,
-                overwrite=True, quiet=True,
+                overwrite=True, quiet=True, **v2,
             )  # fmt: skip
         paths[split] = out
     return paths
@@ -76,7 +85,15 @@ class EvalSet:
 
 
 def eval_set(cfg: MiniConfig, tokenizer: PatchTokenizer) -> EvalSet:
-    """The first ``eval_samples`` samples of world seed 2 whose caption is not a training one."""
+    """The first ``eval_samples`` samples of world seed 2 whose caption is not a training one
+    (world v2: of the ``eval`` split)."""
+    if cfg.world == "v2":
+        world = synthetic_world_of("v2", IMAGE_SIZE, TRAIN_SEED)
+        indices = world.split_indices("eval", cfg.eval_samples)
+        objects = [world.objects(i) for i in indices]
+        pixels = render(world, indices)  # prompts and true captions in the canonical phrasing
+        return EvalSet([world.describe(o) for o in objects], objects, pixels,
+                       tokenizer.tokenize_images(pixels), world)  # fmt: skip
     train_world = ShapesWorld(seed=TRAIN_SEED)
     seen = {train_world.describe(train_world.objects(i)) for i in range(cfg.train_samples)}
     world = ShapesWorld(seed=EVAL_SEED)

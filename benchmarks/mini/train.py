@@ -57,7 +57,9 @@ def loaders(cfg: MiniConfig, shards: dict, seed: int, steps: int, mask, mask_pat
     return train, val
 
 
-def fit(module: DualFlowModule, cfg: MiniConfig, out: Path, steps: int, train, val=None) -> Path:
+def fit(
+    module: DualFlowModule, cfg: MiniConfig, out: Path, steps: int, train, val=None, callbacks=()
+) -> Path:
     """Fit ``module`` for ``steps`` optimizer steps; returns the CSV metrics file."""
     loggers = [CSVLogger(out, name="", version=""), TensorBoardLogger(out, name="", version="tb")]
     trainer = L.Trainer(
@@ -66,7 +68,7 @@ def fit(module: DualFlowModule, cfg: MiniConfig, out: Path, steps: int, train, v
         check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches if val is not None else 0,
         num_sanity_val_steps=0, gradient_clip_val=1.0, log_every_n_steps=10,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=out,
+        default_root_dir=out, callbacks=list(callbacks),
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     return out / "metrics.csv"
