@@ -25,7 +25,7 @@ def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
 
 def load_trained_model(run_config: Path, checkpoint: Path, use_ema: bool = True):
     """Rebuild a run's stage module from its config and load a checkpoint (EMA by default)."""
-    from diva_lightning.cli import build_cli
+    from diva_lightning.lightning_cli import build_cli
 
     config = yaml.safe_load(Path(run_config).read_text())
     for key in ("ckpt_path", "weights_only"):  # `fit` subcommand arguments, not the model's
