@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-data bench-mini clean
+.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-data bench-mini bench-mini-v1 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -58,5 +58,17 @@ bench-data: ## data loading samples/s: decoded-JPEG vs pre-tokenised shards (syn
 	$(PY) benchmarks/bench_data.py
 
 MODE ?= full
-bench-mini: ## DIVA-mini, the paper's Table 2 protocol on the shapes world: MODE=full (3 seeds) or MODE=quick
+bench-mini: ## DIVA-mini v2 (benchmarks/mini/README.md): MODE=quick (< 10 min) or MODE=full (every phase, resumable)
+ifeq ($(MODE),quick)
+	$(PY) -m benchmarks.mini.protocol quick --out runs/mini
+else
+	$(PY) -m benchmarks.mini.base --mode v2 --out runs/mini --probe-every 1000
+	$(PY) -m benchmarks.mini.protocol sft-check --out runs/mini
+	$(PY) -m benchmarks.mini.protocol grid --out runs/mini
+	$(PY) -m benchmarks.mini.protocol select --out runs/mini
+	$(PY) -m benchmarks.mini.protocol final --out runs/mini
+	$(PY) -m benchmarks.mini.protocol report --out runs/mini
+endif
+
+bench-mini-v1: ## DIVA-mini v1 (world v1, the earlier protocol): MODE=full or MODE=quick
 	$(PY) -m benchmarks.mini.run --mode $(MODE) --out runs/mini

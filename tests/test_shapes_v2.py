@@ -17,6 +17,7 @@ from diva_lightning.evaluation.captions import (
 from diva_lightning.evaluation.detector import ShapesDetector
 from diva_lightning.evaluation.probes import (
     CATEGORIES,
+    geneval_correct,
     geneval_prompts,
     geneval_scores,
     pope_questions,
@@ -189,3 +190,16 @@ def test_prepare_writes_only_the_asked_split_of_world_v2(tmp_path):
     assert [m["index"] for m in metas] == world.split_indices("val", 12)
     with pytest.raises(ValueError, match="needs --synthetic_world v2"):
         prepare(str(tmp_path / "bad"), synthetic=2, synthetic_split="val", quiet=True)
+
+
+def test_geneval_scores_unrecognised_detections_as_wrong_without_crashing():
+    """The detector gives shape/colour None for a blob it cannot name (seen at step 1000 of a
+    base build, where it crashed the probe)."""
+    truth = [{"shape": "circle", "colour": "red", "cell": [0, 0]},
+             {"shape": "square", "colour": "blue", "cell": [1, 1]}]  # fmt: skip
+    unknown = [{"shape": None, "colour": None, "cell": [0, 0]},
+               {"shape": "square", "colour": "blue", "cell": [1, 1]}]  # fmt: skip
+    for category in ("two_objects", "position", "color_attr"):
+        assert geneval_correct(category, unknown, truth) is False
+        assert geneval_correct(category, truth, truth) is True
+    assert geneval_correct("single_object", unknown[:1], truth[:1]) is False

@@ -24,6 +24,7 @@ from benchmarks.mini.config import MiniConfig
 from benchmarks.mini.tokenizer import PatchTokenizer
 from diva_lightning.data.prepare import prepare, synthetic_world_of
 from diva_lightning.data.shapes import ShapesWorld
+from diva_lightning.evaluation.probes import geneval_prompts
 
 TRAIN_SEED, VAL_SEED, EVAL_SEED = 0, 1, 2
 IMAGE_SIZE, PATCH = 32, 4  # the shapes world's default size; 4 x 4 blocks -> an 8 x 8 grid
@@ -51,14 +52,17 @@ def build_tokenizer(cfg: MiniConfig, path: Path) -> tuple[PatchTokenizer, dict]:
 
 
 def write_shards(cfg: MiniConfig, root: Path, tokenizer: PatchTokenizer) -> dict[str, Path]:
-    """Training and validation shards with codes (skipped when already complete)."""
+    """Training and validation shards with codes, and (``post_samples``) the post-training
+    shards (skipped when already complete)."""
     splits = {
         "train": (cfg.train_samples, TRAIN_SEED, 1024, "pretrain"),
         "val": (cfg.val_samples, VAL_SEED, 64, "val"),
     }
+    if cfg.post_samples:  # world v2: post-training on scenes pre-training never saw
+        splits["post"] = (cfg.post_samples, TRAIN_SEED, 1024, "post")
     paths = {}
     for split, (count, seed, per_shard, v2_split) in splits.items():
-        out = root / split
+        out = root / (f"post{count}" if split == "post" else split)
         v2 = {"synthetic_world": "v2", "synthetic_split": v2_split} if cfg.world == "v2" else {}
         seed = TRAIN_SEED if v2 else seed  # v2: one world, its splits are disjoint by scene
         if not (out / "summary.json").exists():
@@ -79,21 +83,25 @@ class EvalSet:
     pixels: Tensor  # (B, 3, S, S) in [0, 1]
     codes: Tensor  # (B, N)
     world: ShapesWorld
+    geneval: list[tuple[str, list, str]] | None = None  # world v2: (prompt, objects, category)
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
-def eval_set(cfg: MiniConfig, tokenizer: PatchTokenizer) -> EvalSet:
+def eval_set(cfg: MiniConfig, tokenizer: PatchTokenizer, split: str = "eval") -> EvalSet:
     """The first ``eval_samples`` samples of world seed 2 whose caption is not a training one
-    (world v2: of the ``eval`` split)."""
+    (world v2: of ``split``, ``eval`` or ``val``, with ``geneval_per_category`` GenEval-style
+    prompts per category from the same split)."""
     if cfg.world == "v2":
         world = synthetic_world_of("v2", IMAGE_SIZE, TRAIN_SEED)
-        indices = world.split_indices("eval", cfg.eval_samples)
+        indices = world.split_indices(split, cfg.eval_samples)
         objects = [world.objects(i) for i in indices]
         pixels = render(world, indices)  # prompts and true captions in the canonical phrasing
+        per = cfg.geneval_per_category
+        prompts = geneval_prompts(world, per, split) if per else None
         return EvalSet([world.describe(o) for o in objects], objects, pixels,
-                       tokenizer.tokenize_images(pixels), world)  # fmt: skip
+                       tokenizer.tokenize_images(pixels), world, prompts)  # fmt: skip
     train_world = ShapesWorld(seed=TRAIN_SEED)
     seen = {train_world.describe(train_world.objects(i)) for i in range(cfg.train_samples)}
     world = ShapesWorld(seed=EVAL_SEED)

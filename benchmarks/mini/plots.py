@@ -106,3 +106,30 @@ def plot_samples(results: dict, truth, captions, path: Path, columns: int = 8) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_base(curves: dict, probes: list[dict], path: Path, fraction: float = 0.2) -> None:
+    """The base's pre-training: both flows' validation losses (the plateau rule's window
+    shaded) and the probed metrics on the validation split (the 0.4-0.8 calibration band)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (name, title) in zip(axes[:2], FLOWS, strict=True):
+        steps, values = zip(*curves[name], strict=True)
+        ax.plot(steps, values)
+        ax.axvspan((1 - fraction) * steps[-1], steps[-1], alpha=0.15, color="grey",
+                   label="plateau-rule window")  # fmt: skip
+        ax.set(title=f"validation {title}", xlabel="pre-training step", ylabel="loss")
+        ax.legend(fontsize=8)
+    metrics = [("und_score", "caption attributes"), ("mcb_accuracy", "MC binding"),
+               ("pope_accuracy", "POPE accuracy"), ("gen_overall", "GenEval-style overall")]  # fmt: skip
+    rows = [p for p in probes if "error" not in p]
+    for key, label in metrics:
+        points = [(p["step"], p[key]) for p in rows if key in p]
+        if points:
+            axes[2].plot(*zip(*points, strict=True), marker="o", label=label)
+    axes[2].axhspan(0.4, 0.8, alpha=0.1, color="green", label="calibration band")
+    axes[2].set(title="probes on the validation split", xlabel="pre-training step",
+                ylabel="score", ylim=(0, 1))  # fmt: skip
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -18,6 +18,7 @@ with its own colour). ``overall`` is the mean over categories, like GenEval's.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 from diva_lightning.data.shapes import ShapesWorld
@@ -86,13 +87,13 @@ def category_of_scene(objects: list[dict]) -> list[str]:
 
 def geneval_correct(category: str, detected: list[dict], truth: list[dict]) -> bool:
     """Whether the detected objects satisfy the prompt of ``category`` (see module docstring)."""
-    shapes = sorted(o["shape"] for o in truth)
+    shapes = Counter(o["shape"] for o in truth)  # multisets: an unnamed blob (None) compares
     if category == "single_object":
         return len(detected) == 1 and detected[0]["shape"] == truth[0]["shape"]
     if category == "colors":
         return len(detected) == 1 and detected[0]["colour"] == truth[0]["colour"]
     if category == "two_objects":
-        return len(detected) == 2 and sorted(o["shape"] for o in detected) == shapes
+        return len(detected) == 2 and Counter(o["shape"] for o in detected) == shapes
     if category == "counting":
         return len(detected) == len(truth)
     by_cell = {tuple(o["cell"]): o for o in detected}
@@ -101,8 +102,8 @@ def geneval_correct(category: str, detected: list[dict], truth: list[dict]) -> b
             by_cell.get(tuple(t["cell"]), {}).get("shape") == t["shape"] for t in truth
         )
     if category == "color_attr":
-        pairs = sorted((o["shape"], o["colour"]) for o in detected)
-        return len(detected) == 2 and pairs == sorted((t["shape"], t["colour"]) for t in truth)
+        pairs = Counter((o["shape"], o["colour"]) for o in detected)
+        return len(detected) == 2 and pairs == Counter((t["shape"], t["colour"]) for t in truth)
     raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES}")
 
 

@@ -1,0 +1,212 @@
+"""DIVA-mini v2 report: the tables, intervals and plots of the pre-registered protocol.
+
+Reads the ``record.json`` of every run under ``OUT/<mode>/`` (no training) and writes
+``OUT/<mode>/report/``: ``table.md``, ``report.json`` and the plots. Intervals:
+
+* **paired over seeds**: for each arm minus SFT, the mean of the per-seed differences with a 95%
+  Student-t interval (``n - 1`` degrees of freedom);
+* **bootstrap over prompts**: per prompt, the arm's score minus SFT's, averaged over the shared
+  seeds, then 1000 resamples of the prompts (percentile 95% interval, fixed seed). This is done
+  for caption attributes (per-sample score) and GenEval-style overall (per-prompt correct).
+  The categories hold equal numbers of prompts, so the mean of the correct flags is the overall
+  score.
+
+The SFT-vs-Base check asks whether the 95% interval of SFT minus Base (over SFT's seeds, with
+the deterministic Base fixed) contains 0 for every metric.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.mini.plots import plot_base, plot_curves, plot_metrics
+from benchmarks.mini.report import T_CRITICAL_95, aggregate, hardware, markdown_table
+from benchmarks.mini.train import read_curves
+from diva_lightning.evaluation.probes import CATEGORIES
+
+HEADLINE = [
+    ("und_score", "caption attr."),
+    ("und_bag_score", "caption bag"),
+    ("mc_accuracy", "MC one-attr."),
+    ("mcb_accuracy", "MC binding"),
+    ("pope_accuracy", "POPE acc."),
+    ("pope_f1", "POPE F1"),
+    ("gen_overall", "GenEval overall"),
+    ("gen_obj_score", "Gen attr."),
+]
+PER_CATEGORY = [(f"gen_{c}", c) for c in CATEGORIES]
+BOOTSTRAP = {"und_score": "caption_score", "gen_overall": "geneval_correct"}
+
+
+def load_records(phase_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(phase_dir.glob("*/seed*/record.json"))]
+
+
+def t_interval(values: list[float]) -> dict:
+    """Mean and 95% Student-t interval of ``values``."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": len(values)}
+    half = T_CRITICAL_95[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def paired_vs(records: list[dict], arm: str, reference: str, keys) -> dict[str, dict]:
+    by = {(r["arm"], r["seed"]): r["metrics"] for r in records}
+    seeds = sorted(s for a, s in by if a == arm and (reference, s) in by)
+    if not seeds:
+        return {}
+    return {k: t_interval([by[(arm, s)][k] - by[(reference, s)][k] for s in seeds]) for k in keys}
+
+
+def bootstrap_vs(records, arm, reference, resamples=1000, seed=0) -> dict[str, dict]:
+    """Percentile 95% interval of the per-prompt difference ``arm - reference``."""
+    by = {(r["arm"], r["seed"]): r["metrics"]["per_prompt"] for r in records}
+    seeds = sorted(s for a, s in by if a == arm and (reference, s) in by)
+    rng, out = np.random.default_rng(seed), {}
+    for key, rows in BOOTSTRAP.items():
+        if not seeds:
+            continue
+        diff = np.mean([np.asarray(by[(arm, s)][rows], float)
+                        - np.asarray(by[(reference, s)][rows], float) for s in seeds], axis=0)  # fmt: skip
+        means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        out[key] = {"mean": float(diff.mean()), "low": float(low), "high": float(high),
+                    "prompts": len(diff)}  # fmt: skip
+    return out
+
+
+def _interval(c: dict) -> str:
+    if c.get("low") is None:
+        return f"{c['mean']:+.3f}"
+    star = " *" if c["low"] > 0 or c["high"] < 0 else ""
+    return f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{star}"
+
+
+def comparison_table(comparisons: dict, columns, title: str) -> str:
+    lines = [f"| {title} | " + " | ".join(t for _, t in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]  # fmt: skip
+    for arm, comp in comparisons.items():
+        cells = [_interval(comp[k]) if k in comp else "" for k, _ in columns]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def balance_table(records: list[dict]) -> str:
+    """Per arm, the mean over seeds of the GradientBalance summary: norms and cos with native."""
+    rows: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("balance"):
+            rows.setdefault(r["arm"], []).append(r["balance"]["summary"])
+    terms = sorted({k.removeprefix("norm/") for s in rows.values() for x in s for k in x
+                    if k.startswith("norm/")} - {"total"})  # fmt: skip
+    head = "| arm | " + " | ".join(f"norm {t}" for t in terms)
+    head += " | " + " | ".join(f"cos({t}, native)" for t in terms if t != "native") + " |"
+    lines = [head, "| --- |" + " --- |" * (2 * len(terms) - 1)]
+    for arm, summaries in rows.items():
+        mean = partial(_mean_of, summaries)
+
+        def cos(t, mean=mean, summaries=summaries):
+            key = f"cos/{t}__native"
+            return mean(key if any(key in s for s in summaries) else f"cos/native__{t}")
+
+        cells = [mean(f"norm/{t}") for t in terms] + [cos(t) for t in terms if t != "native"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_of(summaries: list[dict], key: str) -> str:
+    values = [s[key] for s in summaries if key in s and s[key] == s[key]]  # NaN: not measured
+    return f"{statistics.fmean(values):.4f}" if values else "-"
+
+
+def write_v2_report(root: Path, cfg) -> dict:
+    """``table.md``, ``report.json`` and plots under ``root/report`` from the phases' records."""
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [k for k, _ in HEADLINE + PER_CATEGORY]
+    report: dict = {"hardware": hardware(), "mode": cfg.mode}
+    lines = [f"DIVA-mini v2 ({cfg.mode}), {report['hardware']}.\n"]
+    lines += base_section(root.parent / f"base-{cfg.base_key()}" / "base", out, report)
+    check = load_records(root / "sft-check")
+    if check:
+        base = next(r for r in check if r["arm"] == "Base")
+        sft = [r for r in check if r["arm"] == "Base+SFT"]
+        diffs = {k: t_interval([r["metrics"][k] - base["metrics"][k] for r in sft]) for k in keys}
+        report["sft_check"] = diffs
+        lines += ["SFT-vs-Base check (val split, default proportions; 95% t interval of SFT - "
+                  "Base over seeds, * = excludes 0):\n",
+                  comparison_table({"Base+SFT - Base": diffs}, HEADLINE + PER_CATEGORY, "")]  # fmt: skip
+    quick = load_records(root / "quick")
+    if quick:
+        report["quick"] = aggregate(quick, keys)
+        lines += ["\nQuick mode (val split, default proportions, one seed; an indication):\n",
+                  markdown_table(report["quick"], HEADLINE),
+                  "\n", markdown_table(report["quick"], PER_CATEGORY)]  # fmt: skip
+    grid = load_records(root / "grid")
+    if grid:
+        report["grid"] = {Path(r["folder"]).parent.name: r["metrics"] for r in grid}
+        lines += ["\nGrid (val split, seed 0):\n", markdown_table(aggregate(grid_rows(grid), keys),
+                                                                 HEADLINE)]  # fmt: skip
+    final = load_records(root / "final")
+    if final:
+        table = aggregate(final, keys)
+        arms = [a for a in table if a not in ("Base", "Base+SFT")]
+        paired = {a: paired_vs(final, a, "Base+SFT", keys) for a in arms}
+        boot = {a: bootstrap_vs(final, a, "Base+SFT") for a in arms}
+        report.update(table=table, paired=paired, bootstrap=boot)
+        lines += ["\nFinal runs (eval split), mean ± std over seeds:\n",
+                  markdown_table(table, HEADLINE),
+                  "\nGenEval-style categories:\n", markdown_table(table, PER_CATEGORY),
+                  "\nArm - SFT, paired over seeds, 95% t interval (* = excludes 0):\n",
+                  comparison_table(paired, HEADLINE, "arm - SFT"),
+                  "\nArm - SFT, bootstrap over prompts, 95% interval:\n",
+                  comparison_table(boot, [(k, k) for k in BOOTSTRAP], "arm - SFT"),
+                  "\nGradient balance (mean over measured steps and seeds):\n",
+                  balance_table(final)]  # fmt: skip
+        results = {"runs": final, "base_val": _base_val(final)}
+        if results["base_val"]:
+            plot_curves(results, out / "curves.png")
+        plot_metrics(table, HEADLINE, out / "metrics.png")
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print(f"report: {out / 'table.md'}")
+    return report
+
+
+def base_section(base: Path, out: Path, report: dict) -> list[str]:
+    """The base's convergence evidence: the plateau rule, the probes and their plot."""
+    if not (base / "plateau.json").exists():
+        return []
+    verdict = json.loads((base / "plateau.json").read_text())
+    probes_path = base / "probes.json"
+    probes = json.loads(probes_path.read_text()) if probes_path.exists() else []
+    facts = json.loads((base / "facts.json").read_text()) if (base / "facts.json").exists() else {}
+    report["base"] = {"plateau": verdict, "probes": probes, **facts}
+    plot_base(read_curves(base / "logs" / "metrics.csv"), probes, out / "base.png")
+    lines = ["Base pre-training: relative gain of the validation loss over the last 20% of steps "
+             "(the plateau rule: < 1%): " + ", ".join(
+                 f"{k} {v['relative_gain']:+.2%} ({'plateaued' if v['plateaued'] else 'NOT'})"
+                 for k, v in verdict.items())]  # fmt: skip
+    if facts.get("wall_s"):
+        lines[-1] += f"; {facts['wall_s'] / 60:.0f} min with its probes."
+    keys = ["und_score", "mc_accuracy", "mcb_accuracy", "pope_accuracy", "gen_overall"]
+    lines += ["\n| step | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for p in probes:
+        lines.append(f"| {p['step']} | " + " | ".join(f"{p.get(k, float('nan')):.3f}" for k in keys)
+                     + " |")  # fmt: skip
+    return lines + [""]
+
+
+def grid_rows(records: list[dict]) -> list[dict]:
+    """Grid records keyed by their point (folder) rather than their arm."""
+    return [{**r, "arm": Path(r["folder"]).parent.name} for r in records]
+
+
+def _base_val(records: list[dict]) -> dict | None:
+    return next((r["base_val"] for r in records if r.get("base_val")), None)
