@@ -203,3 +203,14 @@ def test_geneval_scores_unrecognised_detections_as_wrong_without_crashing():
         assert geneval_correct(category, unknown, truth) is False
         assert geneval_correct(category, truth, truth) is True
     assert geneval_correct("single_object", unknown[:1], truth[:1]) is False
+
+
+def test_world_v2_caption_score_counts_size_as_an_attribute(world):
+    """The pre-registered headline "caption attributes" is the mean of position, colour, shape,
+    size and count: a caption with every size wrong loses exactly a fifth of its score."""
+    truth = [world.objects(i) for i in range(40)]
+    flipped = [[{**o, "size": "small" if o["size"] == "large" else "large"} for o in t]
+               for t in truth]  # fmt: skip
+    perfect, wrong = object_scores(truth, truth), object_scores(flipped, truth)
+    assert perfect["score"] == 1.0 and wrong["size"] == 0.0
+    assert wrong["score"] == pytest.approx(0.8)

@@ -40,6 +40,7 @@ HEADLINE = [
     ("gen_obj_score", "Gen attr."),
 ]
 PER_CATEGORY = [(f"gen_{c}", c) for c in CATEGORIES]
+CAPTION_ATTRIBUTES = ("position", "colour", "shape", "size", "count")
 BOOTSTRAP = {"und_score": "caption_score", "gen_overall": "geneval_correct"}
 
 
@@ -186,6 +187,9 @@ def base_section(base: Path, out: Path, report: dict) -> list[str]:
     verdict = json.loads((base / "plateau.json").read_text())
     probes_path = base / "probes.json"
     probes = json.loads(probes_path.read_text()) if probes_path.exists() else []
+    for p in probes:  # the 5-attribute caption score, whichever version of the code probed
+        if "und_size" in p:
+            p["und_score"] = statistics.fmean(p[f"und_{a}"] for a in CAPTION_ATTRIBUTES)
     facts = json.loads((base / "facts.json").read_text()) if (base / "facts.json").exists() else {}
     report["base"] = {"plateau": verdict, "probes": probes, **facts}
     plot_base(read_curves(base / "logs" / "metrics.csv"), probes, out / "base.png")

@@ -13,8 +13,8 @@ most one object per cell, so objects are matched by cell:
   per-image "correct");
 * ``score``: mean of position, colour, shape and count (the headline number, like GenEval's
   mean over its tasks);
-* world v2 objects also carry a ``size``: ``size`` is its accuracy, and ``object`` / ``exact``
-  need it right too.
+* world v2 objects also carry a ``size``: ``size`` is its accuracy, ``score`` averages it with
+  the other four, and ``object`` / ``exact`` need it right too.
 
 ``bag_scores`` ignores binding: per sample, the fraction of the true colours, shapes and sizes
 found anywhere among the predictions (multisets). Swapping colours between two objects keeps
@@ -75,7 +75,8 @@ def object_scores(
     scores["object"] = sum(r["object"] for r in rows) / objects
     scores["count"] = sum(r["count"] for r in rows) / len(rows)
     scores["exact"] = sum(r["exact"] for r in rows) / len(rows)
-    scores["score"] = sum(scores[k] for k in ATTRIBUTES) / len(ATTRIBUTES)
+    attributes = [*ATTRIBUTES, "size"] if "size" in scores else ATTRIBUTES
+    scores["score"] = sum(scores[k] for k in attributes) / len(attributes)
     return scores
 
 
