@@ -5,7 +5,8 @@
 
 Writes ``OUT/base-<hash>/`` with the tokenizer, the shards (``pretrain``, ``val`` and ``post``
 splits), and ``base/``: the checkpoint (``model/``), its training logs, ``probes.json`` and
-``plateau.json``. ``<hash>`` covers every setting the base depends on (``MiniConfig.base_key``).
+``plateau.json``, and ``analysis/``: ``diva-cli analyze`` on the base, whose suggested middle
+range the v2 protocol's stages use. ``<hash>`` covers every setting the base depends on (``MiniConfig.base_key``).
 A finished base is reused, never rebuilt. An interrupted build leaves only ``base.partial/``,
 which the next build replaces.
 
@@ -26,10 +27,12 @@ from pathlib import Path
 
 import lightning as L
 
+from benchmarks.mini.backbone import load_base
 from benchmarks.mini.config import MODES, MiniConfig
 from benchmarks.mini.data import build_tokenizer, eval_set, write_shards
 from benchmarks.mini.evaluate import evaluate, tokenizer_ceiling
 from benchmarks.mini.train import pretrain_base, read_curves
+from diva_lightning.analysis.tool import analyze
 
 PLATEAU_FRACTION, PLATEAU_TOLERANCE = 0.2, 0.01
 
@@ -106,12 +109,30 @@ def build_base(cfg: MiniConfig, out: Path, probe_every: int = 0) -> dict:
                       val_batches=8)  # fmt: skip
         facts = {"wall_s": time.perf_counter() - start, "ceiling_val": ceiling}
         (base / "facts.json").write_text(json.dumps(facts, indent=1))
+    middle = middle_range(cfg, base, shards)
     verdict = {name: plateau(points) for name, points in base_curves(base).items()}
     (base / "plateau.json").write_text(json.dumps(verdict, indent=1))
     print("plateau rule (gain over the last 20% of steps < 1%): " + ", ".join(
         f"{k} {v['relative_gain']:+.2%} ({'plateaued' if v['plateaued'] else 'still falling'})"
         for k, v in verdict.items()))  # fmt: skip
-    return {"root": root, "tokenizer": tokenizer, "shards": shards, "base": base / "model"}
+    print(f"middle layers by the analysis rule: {middle[0]}..{middle[1]} ({base / 'analysis'})")
+    return {"root": root, "tokenizer": tokenizer, "shards": shards, "base": base / "model",
+            "middle_layers": middle}  # fmt: skip
+
+
+def middle_range(cfg: MiniConfig, base: Path, shards: dict) -> tuple[int, int]:
+    """``diva-cli analyze`` on the base over the validation shards (run once, kept in
+    ``base/analysis``) -> the middle range its rule suggests (paper Sec. 2, Fig. 2)."""
+    found = base / "analysis" / "divergence.json"
+    if not found.exists():
+        pattern = sorted(Path(shards["val"]).glob("shard-*.tar"))
+        urls = f"{pattern[0].parent}/shard-{{{pattern[0].stem[6:]}..{pattern[-1].stem[6:]}}}.tar"
+        samples = min(256, cfg.val_samples)
+        analyze(out=base / "analysis.partial", backbone=load_base(cfg, base / "model"),
+                shards=urls, samples=samples, batch_size=min(32, samples))  # fmt: skip
+        (base / "analysis.partial").rename(base / "analysis")
+    start, end = json.loads(found.read_text())["suggested_range"]
+    return int(start), int(end)
 
 
 def base_curves(base: Path) -> dict[str, list[tuple[int, float]]]:

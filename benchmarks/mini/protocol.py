@@ -131,6 +131,7 @@ def main(argv=None) -> None:
         return write_v2_report(root, cfg)
     chosen = selection(root / "grid") if args.phase == "final" else None  # before any compute
     setup = build_base(cfg, Path(args.out))
+    cfg = replace(cfg, middle_layers=setup["middle_layers"])  # the analysis rule's range
     if args.phase == "evaluate":
         data = eval_set(cfg, setup["tokenizer"], split=args.split)
         scores = evaluate(load_base(cfg, args.model), setup["tokenizer"], data, cfg.eval_batch,
