@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 import benchmarks.mini.protocol as protocol
-from benchmarks.mini.backbone import load_base
+from benchmarks.mini.backbone import build_base, load_base
 from benchmarks.mini.base import plateau
 from benchmarks.mini.config import v2, v2_quick, v2_smoke
 from benchmarks.mini.grid import FAMILIES, grid_points, select
@@ -118,3 +118,16 @@ def test_smoke_protocol_end_to_end_reads_the_eval_split_only_in_final(tmp_path, 
     before = (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime
     protocol.main(["final", *out, "--arms", "Base+DIVA"])  # resumable: nothing runs again
     assert (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime == before
+
+
+def test_caption_decoding_budget_holds_the_longest_caption_of_each_world():
+    """Greedy decoding stops at ``caption_budget`` tokens: a cap below the longest true caption
+    (v2: 4 objects, 40 tokens) truncates the caption and scores the last objects as missing."""
+    from benchmarks.mini.evaluate import caption_budget
+    from diva_lightning.data.shapes import ShapesWorld
+
+    tokenizer = build_base(v2_smoke()).tokenizer
+    for world in (ShapesWorld(seed=0), ShapesWorldV2()):
+        longest = max(len(tokenizer(world.describe(world.objects(i)))["input_ids"])
+                      for i in range(2000))  # fmt: skip
+        assert longest + 1 <= caption_budget(world)  # + </s>

@@ -41,7 +41,11 @@ from diva_lightning.evaluation.probes import (
 )
 from diva_lightning.evaluation.scores import bag_scores, multiple_choice_scores, object_scores
 
-MAX_CAPTION_TOKENS = 32  # the longest caption of the world is 24 tokens (+ </s>)
+
+def caption_budget(world) -> int:
+    """Greedy-decoding budget: the longest canonical caption (v1: 24 tokens, v2: 40) and </s>,
+    with room to spare."""
+    return 48 if hasattr(world, "sizes") else 32
 
 
 def _chunks(n: int, size: int):
@@ -70,19 +74,23 @@ def _choices(data: EvalSet) -> list[dict[str, str]]:
 
 
 def understanding(adapter: BackboneAdapter, data: EvalSet, batch: int) -> tuple[dict, list[str]]:
-    captions, true_ll, false_ll = [], [], []
-    choices = _choices(data)
+    captions, true_ll = [], []
+    budget = caption_budget(data.world)
     for part in _chunks(len(data), batch):
         codes, prompts = data.codes[part], [PROMPT] * (part.stop - part.start)
-        captions += greedy_captions(adapter, prompts, codes=codes, max_tokens=MAX_CAPTION_TOKENS)
+        captions += greedy_captions(adapter, prompts, codes=codes, max_tokens=budget)
         true_ll += caption_log_likelihood(
             adapter, prompts, data.captions[part], codes=codes
         ).tolist()
-        for i, options in enumerate(choices[part]):  # a sample's distractors in one batch
-            kinds = list(options)
-            ll = caption_log_likelihood(adapter, [PROMPT] * len(kinds), list(options.values()),
-                                        codes=codes[i : i + 1].expand(len(kinds), -1))  # fmt: skip
-            false_ll.append(dict(zip(kinds, ll.tolist(), strict=True)))
+    flat = [(i, kind, text) for i, options in enumerate(_choices(data))
+            for kind, text in options.items()]  # fmt: skip
+    false_ll: list[dict[str, float]] = [{} for _ in range(len(data))]
+    for part in _chunks(len(flat), batch):  # every (sample, distractor) pair, batched
+        rows = [i for i, _, _ in flat[part]]
+        ll = caption_log_likelihood(adapter, [PROMPT] * len(rows), [t for _, _, t in flat[part]],
+                                    codes=data.codes[rows])  # fmt: skip
+        for (i, kind, _), value in zip(flat[part], ll.tolist(), strict=True):
+            false_ll[i][kind] = value
     parsed = [parse_caption(c, data.world) for c in captions]
     scores = {f"und_{k}": v for k, v in object_scores(parsed, data.objects).items()}
     plain = [{k: v for k, v in d.items() if not k.startswith("bind_")} for d in false_ll]
