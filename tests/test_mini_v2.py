@@ -114,7 +114,9 @@ def test_smoke_protocol_end_to_end_reads_the_eval_split_only_in_final(tmp_path, 
     protocol.main(["report", *out])
     table = (root / "report" / "table.md").read_text()
     assert "GenEval-style categories" in table and "Gradient balance" in table
-    assert "| Base+DIVA |" in table and "bootstrap" in table
+    assert "| Base+DIVA |" in table and "bootstrap" in table and "plateau rule" in table
+    for plot in ("base.png", "curves.png", "metrics.png", "samples.png"):
+        assert (root / "report" / plot).stat().st_size > 1000
     before = (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime
     protocol.main(["final", *out, "--arms", "Base+DIVA"])  # resumable: nothing runs again
     assert (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime == before

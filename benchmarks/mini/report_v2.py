@@ -23,11 +23,14 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from benchmarks.mini.plots import plot_base, plot_curves, plot_metrics
+from benchmarks.mini.data import IMAGE_SIZE, TRAIN_SEED
+from benchmarks.mini.plots import plot_base, plot_curves, plot_metrics, plot_samples
 from benchmarks.mini.report import T_CRITICAL_95, aggregate, hardware, markdown_table
 from benchmarks.mini.train import read_curves
-from diva_lightning.evaluation.probes import CATEGORIES
+from diva_lightning.data.prepare import synthetic_world_of
+from diva_lightning.evaluation.probes import CATEGORIES, geneval_prompts
 
 HEADLINE = [
     ("und_score", "caption attr."),
@@ -174,6 +177,13 @@ def write_v2_report(root: Path, cfg) -> dict:
         if results["base_val"]:
             plot_curves(results, out / "curves.png")
         plot_metrics(table, HEADLINE, out / "metrics.png")
+        prompts = geneval_prompts(synthetic_world_of("v2", IMAGE_SIZE, TRAIN_SEED),
+                                  cfg.geneval_per_category, "eval")[:16]  # fmt: skip
+        world = synthetic_world_of("v2", IMAGE_SIZE, TRAIN_SEED)
+        truth = torch.stack([torch.from_numpy(np.asarray(world.render(o))).permute(2, 0, 1)
+                             for _, o, _ in prompts]).float() / 255  # fmt: skip
+        runs = {"runs": final, "config": {"seeds": list(cfg.seeds)}}
+        plot_samples(runs, truth, [p for p, _, _ in prompts], out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print(f"report: {out / 'table.md'}")
