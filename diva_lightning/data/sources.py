@@ -9,7 +9,10 @@ Caption sources for a folder of images:
 * a CSV file with a header naming the same columns (else: first column path, second caption).
 
 Relative paths in JSONL/CSV are relative to the image folder (default: the file's folder).
-Problems are not raised: an item carries ``skip = (reason, cause)`` and ``prepare`` counts it.
+Problems are not raised: an item carries ``skip = (reason, cause)`` and ``prepare`` counts it;
+a JSONL/CSV row's skip names its ``file:line``. A field that is not a string (a number, list or
+object in JSON) is a ``bad_field`` skip. A UTF-8 byte-order mark at the start of a file is
+dropped.
 """
 
 from __future__ import annotations
@@ -72,16 +75,28 @@ def _pick(row: dict, names: tuple[str, ...]) -> str | None:
     return next((row[n] for n in names if row.get(n) not in (None, "")), None)
 
 
-def _table_item(folder: Path, where: str, path: str | None, text: str | None) -> SourceItem:
+def _not_text(what: str, value) -> tuple[str, str] | None:
+    """A skip for a JSON field that is not a string (a number, list, object, bool)."""
+    if value is None or isinstance(value, str):
+        return None
+    return ("bad_field", f"the {what} is a {type(value).__name__} ({str(value)[:40]!r}), not text")
+
+
+def _table_item(folder: Path, where: str, path, text) -> SourceItem:
+    """One JSONL/CSV row; ``where`` (``file:line``) names it in every skip about the row."""
+    wrong = _not_text("image path", path) or _not_text("caption", text)
+    if wrong:
+        return SourceItem(where, skip=wrong)
     if not path:
         return SourceItem(where, skip=("missing_image", "no image path"))
     caption, skip = _caption(text)
-    return SourceItem(path, caption, path=folder / path, skip=skip)
+    return SourceItem(where if skip else path, caption, path=folder / path, skip=skip)
 
 
 def jsonl_items(file: Path, folder: Path) -> Iterator[SourceItem]:
     """One item per non-empty line of a JSONL file."""
-    with open(file, encoding="utf-8", errors="surrogateescape") as stream:
+    # utf-8-sig: a byte-order mark is not part of the first line
+    with open(file, encoding="utf-8-sig", errors="surrogateescape") as stream:
         for number, line in enumerate(stream, 1):
             if not line.strip():
                 continue
@@ -97,7 +112,7 @@ def jsonl_items(file: Path, folder: Path) -> Iterator[SourceItem]:
 
 def csv_items(file: Path, folder: Path) -> Iterator[SourceItem]:
     """One item per data row of a CSV file (header optional, see the module docstring)."""
-    text = file.read_text(encoding="utf-8", errors="surrogateescape")
+    text = file.read_text(encoding="utf-8-sig", errors="surrogateescape")
     rows = list(csv.reader(io.StringIO(text)))
     header = [h.strip().lower() for h in rows[0]] if rows else []
     named = any(h in PATH_FIELDS for h in header)

@@ -1,0 +1,53 @@
+"""Issue #18's data inputs for ``prepare``: JSONL/CSV fields that are not strings, and a UTF-8
+byte-order mark at the start of a caption file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diva_lightning.data.prepare import prepare
+from tests.data_helpers import encode, rgb
+
+
+@pytest.fixture
+def folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        (images / name).write_bytes(encode(rgb()))
+    return images
+
+
+@pytest.mark.parametrize("bad", [7, 3.5, ["a", "list"], {"an": "object"}, True])
+def test_jsonl_fields_that_are_not_strings_are_counted_skips_naming_the_line(folder, tmp_path, bad):
+    lines = [
+        {"image": "a.png", "caption": "a red square."},
+        {"image": "b.png", "caption": bad},
+        {"image": bad, "caption": "a blue circle."},
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "shards"
+    summary = prepare(out=str(out), images=str(folder), captions=str(pairs), quiet=True)
+    assert summary["written"] == 1 and summary["skipped_total"] == 2
+    assert json.loads((out / "summary.json").read_text()) == summary
+    examples = [e for records in summary["skipped_examples"].values() for e in records]
+    assert {e["item"] for e in examples} == {"pairs.jsonl:2", "pairs.jsonl:3"}
+    causes = " ".join(e["cause"] for e in examples)
+    assert "caption" in causes and "image path" in causes and type(bad).__name__ in causes
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_byte_order_mark_does_not_lose_the_first_line(folder, tmp_path, kind):
+    if kind == "jsonl":
+        text = "\n".join(json.dumps({"image": f"{n}.png", "caption": f"a {n} square."})
+                         for n in "ab")  # fmt: skip
+    else:
+        text = "image,caption\na.png,a a square.\nb.png,a b square.\n"
+    captions = tmp_path / f"pairs.{kind}"
+    captions.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    summary = prepare(out=str(tmp_path / "s"), images=str(folder), captions=str(captions),
+                      quiet=True)  # fmt: skip
+    assert summary["written"] == 2 and summary["skipped_total"] == 0
