@@ -51,3 +51,31 @@ def test_a_byte_order_mark_does_not_lose_the_first_line(folder, tmp_path, kind):
     summary = prepare(out=str(tmp_path / "s"), images=str(folder), captions=str(captions),
                       quiet=True)  # fmt: skip
     assert summary["written"] == 2 and summary["skipped_total"] == 0
+
+
+ADAPTERS = [
+    "diva_lightning.backbones.emu3.Emu3Adapter",
+    "diva_lightning.backbones.janus.JanusAdapter",
+    "diva_lightning.backbones.chameleon.ChameleonAdapter",
+    "diva_lightning.backbones.showo.ShowoAdapter",
+]
+
+
+@pytest.mark.parametrize("class_path", ADAPTERS)
+@pytest.mark.parametrize("where", ["missing/local/folder", "some-org/some-model"])
+def test_pretrained_path_that_is_not_a_local_folder_names_the_key_and_never_downloads(
+    class_path, where, monkeypatch
+):
+    """Item 16: a missing folder, or a hub id, fails at once naming the key and the path."""
+    import importlib
+    import time
+
+    module, name = class_path.rsplit(".", 1)
+    adapter = getattr(importlib.import_module(module), name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # even when the hub is allowed, nothing is fetched
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as error:
+        adapter(pretrained_path=where)
+    message = str(error.value)
+    assert "pretrained_path" in message and where in message and "local" in message
+    assert time.perf_counter() - start < 5

@@ -75,6 +75,21 @@ class FlowOutput:
     loss: Tensor  # () native loss = CE(logits, targets)
 
 
+def local_checkpoint(path: str | Path, key: str = "pretrained_path") -> Path:
+    """``path`` as an existing local folder, else a ``FileNotFoundError`` naming ``key``.
+
+    Checked before ``transformers`` sees the value: it would read a missing folder as a hub id,
+    retry the network, and fail with an error that names neither the key nor the folder.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{key}: '{path}' is not a local folder. Weights are read from a local checkpoint "
+            "folder only (nothing is downloaded): download it first, then give its path."
+        )
+    return folder
+
+
 def supervised_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over real slots. logits (B, S, V), targets (B, S)."""
     if not (targets != IGNORE_INDEX).any():

@@ -34,6 +34,7 @@ from diva_lightning.backbones.base import (
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
+    local_checkpoint,
     right_padded_batch,
     shifted_slot_states,
 )
@@ -101,12 +102,14 @@ class ChameleonAdapter(BackboneAdapter):
     ):
         super().__init__()
         overrides = dict(config_overrides or {})
+        if pretrained_path is not None:
+            local_checkpoint(pretrained_path)
         mask_token = mask_token or _saved_mask_token(pretrained_path) or DEFAULT_MASK
         if pretrained_path is not None:
             self.model = ChameleonForConditionalGeneration.from_pretrained(
-                pretrained_path, dtype=DTYPES[torch_dtype]
+                pretrained_path, dtype=DTYPES[torch_dtype], local_files_only=True
             )
-            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path, local_files_only=True)
         else:
             vq = dict(overrides.pop("vq_config", {}))  # a copy: never edit the caller's dict
             if "image_size" in overrides:

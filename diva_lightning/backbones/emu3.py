@@ -30,6 +30,7 @@ from diva_lightning.backbones.base import (
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
+    local_checkpoint,
     right_padded_batch,
     shifted_slot_states,
 )
@@ -93,10 +94,11 @@ class Emu3Adapter(BackboneAdapter):
         overrides = dict(config_overrides or {})
         self._image_size = int(overrides.pop("image_size", 32))
         if pretrained_path is not None:
+            local_checkpoint(pretrained_path)
             self.model = Emu3ForConditionalGeneration.from_pretrained(
-                pretrained_path, dtype=DTYPES[torch_dtype]
+                pretrained_path, dtype=DTYPES[torch_dtype], local_files_only=True
             )
-            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path, local_files_only=True)
             extra = Path(pretrained_path) / "diva_adapter.pt"
             if extra.exists():
                 self._image_size = torch.load(extra)["image_size"]

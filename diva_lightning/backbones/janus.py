@@ -42,6 +42,7 @@ from diva_lightning.backbones.base import (
     IGNORE_INDEX,
     BackboneAdapter,
     FlowBatch,
+    local_checkpoint,
     right_padded_batch,
     shifted_slot_states,
 )
@@ -124,8 +125,11 @@ class JanusAdapter(BackboneAdapter):
         super().__init__()
         dtype = DTYPES[torch_dtype]
         if pretrained_path is not None:
-            self.model = JanusForConditionalGeneration.from_pretrained(pretrained_path, dtype=dtype)
-            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
+            local_checkpoint(pretrained_path)
+            self.model = JanusForConditionalGeneration.from_pretrained(
+                pretrained_path, dtype=dtype, local_files_only=True
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path, local_files_only=True)
         else:
             self.tokenizer = build_word_tokenizer([PLACEHOLDER, BOI, EOI])
             config = tiny_config(self.tokenizer.get_vocab(), **dict(config_overrides or {}))
@@ -159,7 +163,7 @@ class JanusAdapter(BackboneAdapter):
     def _load_image_processor(self, path: str | None):
         """The checkpoint's image processor, or SigLIP statistics at ``image_size``."""
         if path is not None and (Path(path) / "preprocessor_config.json").exists():
-            return AutoImageProcessor.from_pretrained(path)
+            return AutoImageProcessor.from_pretrained(path, local_files_only=True)
         size = {"height": self.image_size, "width": self.image_size}
         return JanusImageProcessorPil(image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, size=size)
 

@@ -30,6 +30,7 @@ from diva_lightning.backbones.base import (
     BackboneAdapter,
     FlowBatch,
     gather_slots,
+    local_checkpoint,
     pad_positions,
 )
 from diva_lightning.backbones.showo import checkpoint as ckpt
@@ -79,7 +80,7 @@ class ShowoAdapter(BackboneAdapter):
         if pretrained_path is None:
             self._build_random(get_preset(preset, overrides))
         else:
-            self._load(Path(pretrained_path), preset, overrides)
+            self._load(local_checkpoint(pretrained_path), preset, overrides)
         self.model.to(DTYPES[torch_dtype])
         self.prompt_template = prompt_template or self._saved["prompt_template"]
         self.prompting = ShowoPrompting(self.special, self.max_text_len, IGNORE_INDEX)
