@@ -205,8 +205,8 @@ def test_fit_loop_uses_epoch_length_and_epochs(shards):
 def test_synthetic_world_is_written_on_first_use(tmp_path):
     root = tmp_path / "shapes"
     dm = module(
-        str(tmp_path / "none-*.tar"),
-        str(tmp_path / "none-val.tar"),
+        str(root / "train"),  # the embedded default: the shards' own folder, written on first use
+        str(root / "val"),
         synthetic_samples=40,
         synthetic_val_samples=8,
         synthetic_dir=str(root),
@@ -232,6 +232,20 @@ def test_synthetic_world_is_written_on_first_use(tmp_path):
     dm.prepare_data()  # second use: nothing rewritten
     assert (root / "train" / "summary.json").stat().st_mtime_ns == stamp
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_configured_pattern_that_matches_nothing_never_falls_back(tmp_path, split):
+    """#18 item 15: a typo in a shard pattern must not train on the synthetic world."""
+    typo = str(tmp_path / "my-data" / "shard-*.tar")
+    patterns = {"train": str(tmp_path / "syn" / "train"), "val": str(tmp_path / "syn" / "val")}
+    patterns[split] = typo
+    dm = module(patterns["train"], patterns["val"], synthetic_samples=16,
+                synthetic_dir=str(tmp_path / "syn"), image_size=32, image_grid=(4, 4))  # fmt: skip
+    dm.prepare_data()
+    assert not (tmp_path / "syn" / split).exists()
+    with pytest.raises(FileNotFoundError, match=rf"{split}_shards.*my-data"):
+        dm.setup("fit")
 
 
 def test_partly_missing_pattern_does_not_fall_back(shards, tmp_path):

@@ -74,12 +74,13 @@ class DualFlowDataModule(L.LightningDataModule):
         skip_check_after: ... once this many samples (kept + skipped) were seen.
         persistent_workers: keep workers (and the training stream) alive across epochs.
         pin_memory: pin host memory of batches.
-        synthetic_samples: when set and ``train_shards`` is None or matches no file, write this
-            many shapes-world samples to ``synthetic_dir/train`` on first use (``prepare_data``,
-            local rank 0) and train on them (the embedded default). A pattern that matches
-            some but not all of its files is still an error.
-        synthetic_val_samples: likewise for ``val_shards`` (when given but matching nothing),
-            written to ``synthetic_dir/val`` with seed ``seed + 1``; 0: never.
+        synthetic_samples: when set and ``train_shards`` is None, or is ``synthetic_dir/train``
+            itself and holds no shard yet, write this many shapes-world samples there on first
+            use (``prepare_data``, local rank 0) and train on them (the embedded default). Any
+            other pattern is the user's own data: one that matches nothing, or only some of its
+            files, is an error, never a silent switch to synthetic data.
+        synthetic_val_samples: likewise for ``val_shards`` = ``synthetic_dir/val``, written
+            with seed ``seed + 1``; 0: never.
         synthetic_dir: where synthetic shards are written (delete it to regenerate).
         synthetic_shard_size: most samples per synthetic shard (fewer, so that there are at
             least 8 shards, when the count is small).
@@ -205,9 +206,12 @@ class DualFlowDataModule(L.LightningDataModule):
             return None
         if split == "val" and pattern is None:
             return None  # no validation asked for
+        target = Path(self.synthetic_dir) / split
+        if pattern is not None and Path(pattern) != target:
+            return None  # the user's own shards: a pattern that matches nothing is an error
         if pattern is not None and any_shard_exists(pattern):
             return None
-        return str(Path(self.synthetic_dir) / split)
+        return str(target)
 
     def _resolve(self, split: str) -> list[str]:
         if split not in self.shards:
