@@ -93,6 +93,24 @@ def _read(path: Path) -> tuple[dict, dict]:
     raise FileNotFoundError(f"stage-1 encoders not found at {path} (expected a directory or .ckpt)")
 
 
+def check_encoder_origin(
+    config: dict, path, backbone_name: str, num_layers: int, layers, allow_transfer: bool
+) -> None:
+    """Refuse encoders trained on another backbone class, layer count or middle range (as
+    recorded in ``factors.json``; keys older files lack are not checked), unless
+    ``allow_transfer``."""
+    recorded = {"backbone": config.get("backbone"), "num_layers": config.get("num_layers"),
+                "middle_layers": config.get("middle_layers")}  # fmt: skip
+    here = {"backbone": backbone_name, "num_layers": num_layers, "middle_layers": list(layers)}
+    differ = [f"{key} {recorded[key]} (this run: {here[key]})" for key in here
+              if recorded[key] is not None and recorded[key] != here[key]]  # fmt: skip
+    if differ and not allow_transfer:
+        raise ValueError(
+            f"stage-1 encoders at {path} were trained with {'; '.join(differ)}. Run stage 1 "
+            "for this backbone and range, or set allow_encoder_transfer: true to use them anyway"
+        )
+
+
 def load_factor_encoders(
     path: str | Path, hidden_size: int | None = None
 ) -> tuple[FactorEncoders, dict]:

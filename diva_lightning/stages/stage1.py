@@ -156,6 +156,7 @@ class Stage1(DualFlowModule):
             readout_rank=self.hparams.readout_rank,
             injection=self.hparams.injection,
             backbone=type(self.backbone).__name__,
+            num_layers=self.backbone.num_layers,
             gen_pooling=self.gen_pooling,
         )
 

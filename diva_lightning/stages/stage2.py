@@ -32,7 +32,7 @@ from torch import Tensor
 
 from diva_lightning.backbones.base import BackboneAdapter
 from diva_lightning.objectives import LinearRamp, SharedAlignment, build_unique_estimator
-from diva_lightning.objectives.checkpoint import load_factor_encoders
+from diva_lightning.objectives.checkpoint import check_encoder_origin, load_factor_encoders
 from diva_lightning.stages.base import DualFlowModule
 from diva_lightning.stages.ema import EMA
 from diva_lightning.stages.gradients import dot, term_gradients
@@ -72,6 +72,8 @@ class Stage2(DualFlowModule):
             their gradient on the trainable blocks is at most ``balance_cap`` x the native one.
         balance_cap: the cap. balance_every: optimizer steps between two measurements of the
             gradient ratio (two extra backward passes each); the scale is kept in between.
+        allow_encoder_transfer: use stage-1 encoders whose ``factors.json`` records another
+            backbone class, layer count or middle range (refused by default).
     """
 
     term_groups = {
@@ -111,6 +113,7 @@ class Stage2(DualFlowModule):
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
         decay_all_parameters: bool = False,
+        allow_encoder_transfer: bool = False,
     ):
         if stage1_encoders is None:
             raise ValueError("Stage2 needs stage1_encoders: the output of a stage-1 run")
@@ -134,6 +137,8 @@ class Stage2(DualFlowModule):
             gen_pooling=trained_pooling,
             decay_all_parameters=decay_all_parameters,
         )
+        check_encoder_origin(config, stage1_encoders, type(backbone).__name__,
+                             backbone.num_layers, self.layers, allow_encoder_transfer)  # fmt: skip
         self.save_hyperparameters(ignore=["backbone"])
         for key, value, allowed in (
             ("unique_pairs", unique_pairs, UNIQUE_PAIRS),

@@ -1,5 +1,4 @@
-"""Issue #18's data inputs for ``prepare``: JSONL/CSV fields that are not strings, and a UTF-8
-byte-order mark at the start of a caption file."""
+"""Issue #18: wrong inputs that used to get through (data, prepare, configs and the CLI)."""
 
 from __future__ import annotations
 
@@ -79,3 +78,37 @@ def test_pretrained_path_that_is_not_a_local_folder_names_the_key_and_never_down
     message = str(error.value)
     assert "pretrained_path" in message and where in message and "local" in message
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("mismatch", ["middle_layers", "backbone", "num_layers"])
+def test_stage1_encoders_from_another_backbone_or_range_are_refused(tmp_path, mismatch):
+    """Item 11: factors.json records the backbone class, layer count and middle range; stage 2
+    checks all of them (not only the hidden size), unless the transfer is asked for."""
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.objectives.checkpoint import factor_config, save_factor_encoders
+    from diva_lightning.objectives.encoders import FactorEncoders
+    from diva_lightning.stages import Stage2
+
+    backbone = Emu3Adapter.tiny()
+    recorded = {"middle_layers": [3, 4, 5, 6], "backbone": "Emu3Adapter",
+                "num_layers": backbone.num_layers}  # fmt: skip
+    recorded[mismatch] = {"middle_layers": [2, 3, 4], "backbone": "JanusAdapter",
+                          "num_layers": backbone.num_layers + 2}[mismatch]  # fmt: skip
+    enc = FactorEncoders(backbone.hidden_size, shared_dim=16)
+    config = factor_config(enc, recorded.pop("middle_layers"), **recorded)
+    path = save_factor_encoders(tmp_path / "enc", enc, config)
+    options = dict(middle_layers=(3, 6), targets="online", critic_hidden=16)
+    with pytest.raises(ValueError, match="allow_encoder_transfer") as error:
+        Stage2(backbone, stage1_encoders=str(path), **options)
+    assert str(path) in str(error.value)
+    Stage2(backbone, stage1_encoders=str(path), allow_encoder_transfer=True, **options)
+
+
+def test_stage1_records_what_stage2_checks(tmp_path):
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.stages import Stage1
+
+    backbone = Emu3Adapter.tiny()
+    config = Stage1(backbone, middle_layers=(3, 6), shared_dim=16).factor_config()
+    assert config["backbone"] == "Emu3Adapter" and config["num_layers"] == backbone.num_layers
+    assert config["middle_layers"] == [3, 4, 5, 6]
