@@ -8,8 +8,10 @@ importing the entry point that imports it.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
@@ -30,6 +32,29 @@ class DivaCLI(LightningCLI):
                 }
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a checkpoint of another stage before LightningCLI adopts its class.
+
+        LightningCLI replaces the configured model with the class recorded in the checkpoint's
+        hyperparameters; a stage-2 config resumed from a stage-1 checkpoint would then train
+        stage 1 and log it as stage 2. (Lightning has no hook for this check, hence the
+        override of its private step.)
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            saved = ckpt.get("hyper_parameters", {}).get("_class_path")
+            model = self.config[subcommand].get("model")
+            wanted = getattr(model, "class_path", None) if model is not None else None
+            if saved and wanted and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
+                raise ValueError(
+                    f"ckpt_path {ckpt_path} is a checkpoint of {saved.rsplit('.', 1)[-1]}, but "
+                    f"the config trains {wanted.rsplit('.', 1)[-1]}: resume a run with its own "
+                    "stage's checkpoint (stage 2 starts from stage 1 through stage1_encoders)"
+                )
+        super()._parse_ckpt_path()
 
 
 def build_cli(args: list[str] | dict | None = None, run: bool = True) -> DivaCLI:

@@ -112,3 +112,21 @@ def test_stage1_records_what_stage2_checks(tmp_path):
     config = Stage1(backbone, middle_layers=(3, 6), shared_dim=16).factor_config()
     assert config["backbone"] == "Emu3Adapter" and config["num_layers"] == backbone.num_layers
     assert config["middle_layers"] == [3, 4, 5, 6]
+
+
+def test_resuming_from_a_checkpoint_of_another_stage_is_refused_before_anything_is_built(tmp_path):
+    """Item 10: LightningCLI takes the model class from the checkpoint's hyperparameters, so a
+    stage-2 config resumed from a stage-1 checkpoint used to train stage 1 as if it were stage 2."""
+    import torch
+
+    from diva_lightning.lightning_cli import build_cli
+
+    ckpt = tmp_path / "stage1.ckpt"
+    hparams = {"_class_path": "diva_lightning.stages.stage1.Stage1", "middle_layers": [3, 6]}
+    torch.save({"hyper_parameters": hparams, "state_dict": {}}, ckpt)
+    args = ["fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
+            "--config", "configs/tiny/stage2.yaml", "--ckpt_path", str(ckpt),
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"Stage1.*Stage2|Stage2.*Stage1") as error:
+        build_cli(args)
+    assert str(ckpt) in str(error.value)
