@@ -59,7 +59,7 @@ def encoders_dir(tmp_path_factory):
     torch.manual_seed(0)
     enc = FactorEncoders(64, shared_dim=16)
     return save_factor_encoders(
-        tmp_path_factory.mktemp("s1") / "enc", enc, factor_config(enc, [3, 6])
+        tmp_path_factory.mktemp("s1") / "enc", enc, factor_config(enc, [3, 4, 5, 6])
     )
 
 
