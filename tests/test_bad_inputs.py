@@ -130,3 +130,45 @@ def test_resuming_from_a_checkpoint_of_another_stage_is_refused_before_anything_
     with pytest.raises(ValueError, match=r"Stage1.*Stage2|Stage2.*Stage1") as error:
         build_cli(args)
     assert str(ckpt) in str(error.value)
+
+
+def test_an_interrupted_prepare_leaves_no_shard_that_looks_complete(tmp_path, monkeypatch):
+    """Shards are written under a temporary name and renamed only when complete (item 1)."""
+    import tarfile
+
+    import diva_lightning.data.prepare as module
+
+    real, calls = module._encode, []
+
+    def failing(item, *args):
+        calls.append(item.name)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the middle of the third shard
+        return real(item, *args)
+
+    monkeypatch.setattr(module, "_encode", failing)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(out=str(out), synthetic=12, max_count=2, quiet=True)
+    complete = sorted(p.name for p in out.iterdir())
+    assert complete == ["shard-000000.tar", "shard-000001.tar"]  # nothing of the third
+    for name in complete:
+        with tarfile.open(out / name) as tar:
+            assert len({m.name.split(".")[0] for m in tar.getmembers()}) == 2
+    # a re-run over the interrupted one is refused (two complete shards), then replaces all
+    with pytest.raises(FileExistsError):
+        prepare(out=str(out), synthetic=4, max_count=2, quiet=True)
+    summary = prepare(out=str(out), synthetic=4, max_count=2, quiet=True, overwrite=True)
+    assert [s["name"] for s in summary["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [*complete, "summary.json"]
+
+
+def test_a_prepare_that_writes_nothing_leaves_no_empty_shard(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "broken.txt").write_text("a caption.")
+    out = tmp_path / "shards"
+    summary = prepare(out=str(out), images=str(images), quiet=True)
+    assert summary["written"] == 0 and summary["shards"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]

@@ -65,15 +65,25 @@ def _encode(item: SourceItem, image_format: str, ceiling: int, min_side: int) ->
     return image_format, buffer.getvalue()
 
 
+PARTIAL = ".partial"
+
+
 class _Writer:
-    """ShardWriter plus per-shard counts and batched VQ tokenisation."""
+    """ShardWriter plus per-shard counts and batched VQ tokenisation.
+
+    Each shard is written as ``PREFIX-NNNNNN.tar.partial`` and renamed to its ``.tar`` name only
+    once closed complete (ShardWriter's ``post`` hook); ``close(complete=False)`` deletes the
+    shard in progress, and a killed run leaves only a ``.partial`` file that no pattern
+    matches. A shard that received no sample is deleted rather than renamed."""
 
     def __init__(self, out: Path, prefix: str, max_count: int, backbone, batch_size: int):
-        pattern = str(out / f"{prefix}-%06d.tar")
+        pattern = str(out / f"{prefix}-%06d.tar{PARTIAL}")
         # An integer mtime keeps members in plain ustar headers: WebDataset's default float
         # time.time() forces a PAX extended header per member, which doubles tar parsing cost.
         mtime = int(time.time())
-        self.sink = wds.ShardWriter(pattern, maxcount=max_count, verbose=0, mtime=mtime)
+        self.sink = wds.ShardWriter(
+            pattern, maxcount=max_count, verbose=0, mtime=mtime, post=self._complete
+        )  # fmt: skip
         self.backbone, self.batch_size = backbone, batch_size
         self.pending: list[tuple[dict, torch.Tensor]] = []
         self.per_shard: Counter = Counter()
@@ -99,11 +109,26 @@ class _Writer:
 
     def _write(self, sample: dict) -> None:
         self.sink.write(sample)
-        self.per_shard[Path(self.sink.fname).name] += 1
+        self.per_shard[Path(self.sink.fname).name.removesuffix(PARTIAL)] += 1
 
-    def close(self) -> None:
-        self.flush()
+    def _complete(self, fname: str) -> None:
+        done = Path(fname.removesuffix(PARTIAL))
+        if self.per_shard[done.name]:
+            os.replace(fname, done)
+        else:
+            Path(fname).unlink(missing_ok=True)
+
+    def close(self, complete: bool = True) -> None:
+        """Finish the shard in progress; ``complete=False`` (an error or an interrupt): delete
+        it, so that only shards closed complete carry a ``.tar`` name."""
+        if complete:
+            self.flush()
+        else:
+            self.sink.post = None
+        fname = self.sink.fname
         self.sink.close()
+        if not complete:
+            Path(fname).unlink(missing_ok=True)
 
 
 def _check_out(out: Path, prefix: str, overwrite: bool) -> None:
@@ -113,7 +138,7 @@ def _check_out(out: Path, prefix: str, overwrite: bool) -> None:
             f"prepare: {out} already holds {len(old)} '{prefix}-*.tar' shard(s); "
             "pass --overwrite true or choose another --out"
         )
-    for path in old:
+    for path in [*old, *out.glob(f"{prefix}-*.tar{PARTIAL}")]:  # and an interrupted run's
         path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -184,8 +209,10 @@ def prepare(
     try:
         for index, item in enumerate(tqdm(items, total=total, disable=quiet, desc="prepare")):
             _write_item(writer, skips, index, item, image_format, max_image_pixels, min_image_side)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    writer.close()
     summary = _summary(out_dir, source, writer, skips, backbone, image_format, max_count)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if not quiet:
