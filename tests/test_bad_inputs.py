@@ -172,3 +172,56 @@ def test_a_prepare_that_writes_nothing_leaves_no_empty_shard(tmp_path):
     summary = prepare(out=str(out), images=str(images), quiet=True)
     assert summary["written"] == 0 and summary["shards"] == []
     assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+
+
+def _shards_with_empty_captions(root, shards=4, per_shard=400, bad_every=14):
+    from tests.data_helpers import write_tar
+
+    image, urls = encode(rgb(8)), []
+    for s in range(shards):
+        samples = [
+            {"__key__": f"s{s}-{i:04d}", "png": image,
+             "txt": "" if i % bad_every == 0 else "a red square."}
+            for i in range(per_shard)
+        ]  # fmt: skip
+        urls.append(str(write_tar(root / f"shard-{s}.tar", samples)))
+    return urls  # 29 of 400 per shard empty: 7.25%
+
+
+@pytest.mark.parametrize(("buffer", "workers"), [(0, 0), (256, 0), (256, 2), (1000, 2)])
+def test_the_skipped_fraction_is_lost_over_read_whatever_the_shuffle_buffer(
+    tmp_path, buffer, workers
+):  # fmt: skip
+    """Item 2: samples waiting in the shuffle buffers are read, not lost: 7.25% bad samples
+    never trip a 10% ceiling, and the fraction is the same for any buffer and worker count."""
+    from diva_lightning.data import DualFlowDataModule
+
+    urls = _shards_with_empty_captions(tmp_path)
+    dm = DualFlowDataModule(
+        urls, None, image_size=8, image_grid=(2, 2), batch_size=16, num_workers=workers,
+        shuffle_buffer=buffer, batches_per_epoch=40, max_skip_fraction=0.1, skip_check_after=100,
+        persistent_workers=False,
+    )  # fmt: skip
+    dm.setup("fit")
+    batches = list(dm.make_loader("train", 0, 1))
+    assert len(batches) == 40
+    counter = dm.skips["train"]
+    assert counter.lost == counter.counts["empty_caption"] and counter.events == 0
+    assert 0.05 < counter.fraction < 0.095  # lost / (lost + read), read >= what was served
+    assert counter.read >= counter.kept == 16 * len(batches)
+
+
+def test_shard_events_are_reported_apart_from_lost_samples():
+    from diva_lightning.data.skips import SkipCounter
+
+    counter = SkipCounter()
+    for _ in range(3):
+        counter.add_kept()
+    counter.add("duplicate_member", None, "a.tar", "duplicate file name")
+    counter.add("bad_tar", None, "b.tar", "unexpected end of data")
+    counter.add("empty_caption", "k1", "a.tar", "")
+    counter.merge(counter.drain())
+    assert (counter.read, counter.lost, counter.events) == (3, 1, 2)
+    assert counter.fraction == pytest.approx(1 / 4)
+    summary = counter.summary()
+    assert "lost 1 sample" in summary and "2 shard event" in summary

@@ -244,6 +244,7 @@ def _write_item(writer, skips, index, item, image_format, ceiling, min_side) -> 
     sample = {"__key__": f"{index:09d}", ext: data, "txt": item.caption, "json": meta}
     writer.add(sample, ext)
     skips.kept += 1
+    skips.add_kept()
 
 
 def _summary(out, source, writer, skips: SkipCounter, backbone, image_format, max_count) -> dict:

@@ -5,8 +5,13 @@ shard read) is recorded in a ``SkipCounter`` under a reason (see ``REASONS``) wi
 url and cause, and the stream goes on. Across DataLoader workers, every worker owns its own
 counter (a pickled copy); it ``drain()``-s the counts recorded since its previous batch into that
 batch, and the main-process loader ``merge()``-s them into the split's counter. Every skip is thus
-counted exactly once, whatever the number of workers. A configurable ceiling on the skipped
-fraction aborts the run with ``DataQualityError`` and a summary naming culprits.
+counted exactly once, whatever the number of workers.
+
+The skipped fraction is lost samples over samples read (lost + decoded), counted where the
+samples are read: a sample waiting in a shuffle buffer has been read, so the fraction is the
+same for any buffer size and worker count. Shard-level events (``EVENTS``) are counted apart.
+A configurable ceiling on the fraction aborts the run with ``DataQualityError`` and a summary
+naming culprits.
 
 ``TarErrorHandler`` is the handler given to WebDataset's tar reading; unlike
 ``webdataset.warn_and_continue`` it does not sleep, and it records the shard url and cause.
@@ -39,7 +44,14 @@ REASONS = {
     "missing_codes": "pre-tokenised run, but the sample has no codes.npy",
     "bad_codes": "codes.npy of the wrong shape, dtype or range",
     "other": "any other per-sample error (see the recorded cause)",
+    "tar_error": "any other error while reading a tar shard (see the recorded cause)",
 }
+# Shard-level events: each is one record, not one lost sample (a duplicated member, a cut
+# end-of-archive or an unreadable shard says nothing about how many samples it held), so they
+# are reported apart and never enter the skipped fraction.
+EVENTS = frozenset(
+    {"missing_shard", "shard_open_error", "bad_tar", "duplicate_member", "tar_error"}
+)
 EXAMPLES_PER_REASON = 3
 
 
@@ -65,10 +77,12 @@ class SkipCounter:
     """Skipped samples by reason, kept samples, and a few example culprits per reason."""
 
     counts: Counter = field(default_factory=Counter)
-    kept: int = 0
+    kept: int = 0  # samples served in batches (the loader's count)
+    read: int = 0  # samples decoded where they were read (merged from the workers)
     examples: dict[str, list[SkipRecord]] = field(default_factory=dict)
     kept_total: int = 0  # never drained: a worker's progress check reads it
     _pending: Counter = field(default_factory=Counter, repr=False)
+    _pending_read: int = field(default=0, repr=False)
     _pending_examples: dict = field(default_factory=dict, repr=False)
     _warned: set = field(default_factory=set, repr=False)
 
@@ -86,31 +100,49 @@ class SkipCounter:
             examples.append(record)
 
     def add_kept(self, n: int = 1) -> None:
-        """A worker-side progress count (not shipped: the loader counts kept samples itself)."""
+        """``n`` samples read and decoded (shipped as ``read``; the loader counts ``kept``)."""
         self.kept_total += n
+        self._pending_read += n
 
     def drain(self) -> dict:
-        """Counts and examples recorded since the last drain (to ship with a batch)."""
-        delta = {"counts": dict(self._pending), "examples": self._pending_examples}
-        self._pending, self._pending_examples = Counter(), {}
+        """Counts, examples and reads recorded since the last drain (to ship with a batch)."""
+        delta = {"counts": dict(self._pending), "examples": self._pending_examples,
+                 "read": self._pending_read}  # fmt: skip
+        self._pending, self._pending_examples, self._pending_read = Counter(), {}, 0
         return delta
 
     # ---- aggregation (main process) ----------------------------------------------------------
     def merge(self, delta: dict) -> None:
         """Add a drained delta (from any worker) to this counter."""
         self.counts.update(delta.get("counts", {}))
+        self.read += delta.get("read", 0)
         for reason, records in delta.get("examples", {}).items():
             kept = self.examples.setdefault(reason, [])
             kept.extend(records[: EXAMPLES_PER_REASON - len(kept)])
 
     @property
     def skipped(self) -> int:
+        """Every record: lost samples and shard events."""
         return sum(self.counts.values())
 
     @property
+    def lost(self) -> int:
+        """Samples read but skipped."""
+        return sum(n for reason, n in self.counts.items() if reason not in EVENTS)
+
+    @property
+    def events(self) -> int:
+        """Shard-level events (``EVENTS``), not counted as samples."""
+        return self.skipped - self.lost
+
+    @property
+    def seen(self) -> int:
+        return self.lost + self.read
+
+    @property
     def fraction(self) -> float:
-        total = self.skipped + self.kept
-        return self.skipped / total if total else 0.0
+        """Lost samples over samples read."""
+        return self.lost / self.seen if self.seen else 0.0
 
     def as_dict(self) -> dict[str, int]:
         """Skips per reason (only reasons that occurred)."""
@@ -120,21 +152,29 @@ class SkipCounter:
         """Flat metrics for ``LightningModule.log_dict`` / a logger's ``log_metrics``."""
         out = {f"{prefix}skipped_{reason}": float(n) for reason, n in self.as_dict().items()}
         out[f"{prefix}skipped"] = float(self.skipped)
+        out[f"{prefix}lost"] = float(self.lost)
+        out[f"{prefix}events"] = float(self.events)
+        out[f"{prefix}read"] = float(self.read)
         out[f"{prefix}kept"] = float(self.kept)
         out[f"{prefix}skipped_fraction"] = self.fraction
         return out
 
     def summary(self) -> str:
         """Human-readable report: totals, then per reason the count, meaning and examples."""
-        lines = [f"kept {self.kept} samples, skipped {self.skipped} ({self.fraction:.1%})"]
+        plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
+        lines = [
+            f"read {plural(self.read, 'sample')}, lost {plural(self.lost, 'sample')} "
+            f"({self.fraction:.1%} of those read), {plural(self.events, 'shard event')}"
+        ]
         for reason, n in self.as_dict().items():
-            lines.append(f"  {reason}: {n} ({REASONS[reason]})")
+            kind = "event: " if reason in EVENTS else ""
+            lines.append(f"  {reason}: {n} ({kind}{REASONS[reason]})")
             lines += [f"      e.g. {record}" for record in self.examples.get(reason, [])]
         return "\n".join(lines)
 
     def check_ceiling(self, max_fraction: float, min_seen: int, split: str = "train") -> None:
         """Raise ``DataQualityError`` once ``min_seen`` samples were seen and too many skipped."""
-        if self.skipped + self.kept >= min_seen and self.fraction > max_fraction:
+        if self.seen >= min_seen and self.fraction > max_fraction:
             raise DataQualityError(
                 f"{split} data: skipped fraction {self.fraction:.1%} exceeds the ceiling "
                 f"max_skip_fraction={max_fraction:.1%}; fix the shards or raise the ceiling.\n"
@@ -160,7 +200,7 @@ def classify_tar_error(exn: BaseException) -> str:
         return "duplicate_member"
     if isinstance(exn, OSError):
         return "shard_open_error"
-    return "other"
+    return "tar_error"
 
 
 @dataclass
