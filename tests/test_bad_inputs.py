@@ -225,3 +225,47 @@ def test_shard_events_are_reported_apart_from_lost_samples():
     assert counter.fraction == pytest.approx(1 / 4)
     summary = counter.summary()
     assert "lost 1 sample" in summary and "2 shard event" in summary
+
+
+def _adapter(class_path: str, **kwargs):
+    import importlib
+
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+@pytest.mark.parametrize("class_path", ADAPTERS)
+def test_an_enormous_caption_is_truncated_and_counted_within_the_positions(class_path):
+    """Item 3: captions are capped by tokens per backbone; a capped caption is counted, and
+    no flow grows past the backbone's position embeddings."""
+    import torch
+
+    adapter = _adapter(class_path)
+    huge, short = "a red square. " * 20_000, "a red square."
+    codes = torch.zeros(2, adapter.tokens_per_image, dtype=torch.long)
+    mask = torch.ones_like(codes, dtype=torch.bool)
+    pixels = torch.rand(2, 3, adapter.image_size, adapter.image_size)
+    flow_u = adapter.build_understanding(["describe"] * 2, [huge, short], codes=codes,
+                                         pixels=pixels)  # fmt: skip
+    flow_g = adapter.build_generation([huge, short], codes, mask)
+    for flow in (flow_u, flow_g):
+        assert flow.labels.shape[1] <= adapter.max_positions
+    assert adapter.pop_truncated_captions() == 2 and adapter.pop_truncated_captions() == 0
+    small = _adapter(class_path, max_caption_tokens=3)
+    flow = small.build_generation([short, short], codes, mask)
+    assert small.pop_truncated_captions() == 2
+    assert flow.attention_mask.sum(1).max() < flow_g.attention_mask.sum(1).min()
+
+
+@pytest.mark.parametrize("class_path", ADAPTERS)
+def test_a_flow_longer_than_the_position_embeddings_is_an_error_naming_the_cap(class_path):
+    import torch
+
+    adapter = _adapter(class_path, max_caption_tokens=100_000)
+    if adapter.max_positions is None or adapter.caption_token_limit < 100_000:
+        pytest.skip("this backbone's text slots are fixed: captions never pass its positions")
+    codes = torch.zeros(1, adapter.tokens_per_image, dtype=torch.long)
+    mask = torch.ones_like(codes, dtype=torch.bool)
+    flow = adapter.build_generation(["a red square. " * 2000], codes, mask)
+    with pytest.raises(ValueError, match=r"(?s)position embeddings.*max_caption_tokens"):
+        adapter.forward_flow(flow, "G")

@@ -237,6 +237,18 @@ class BackboneAdapter(nn.Module, abc.ABC):
     """
 
     model: nn.Module
+    CAPTION_RESERVE = 64  # positions left beside the image for the prompt and special tokens
+    CHARS_PER_TOKEN_CAP = 32  # a caption is cut to limit x this many characters before tokenising
+
+    def __init__(self, max_caption_tokens: int | None = None):
+        """``max_caption_tokens``: the longest caption in tokens; longer ones are truncated and
+        counted (``pop_truncated_captions``). None: what the position embeddings leave beside
+        the image and ``CAPTION_RESERVE`` tokens of prompt."""
+        super().__init__()
+        if max_caption_tokens is not None and max_caption_tokens < 1:
+            raise ValueError(f"max_caption_tokens must be >= 1, got {max_caption_tokens}")
+        self.max_caption_tokens = max_caption_tokens
+        self.truncated_captions = 0
 
     # ---- facts -------------------------------------------------------------------------------
     @property
@@ -282,6 +294,26 @@ class BackboneAdapter(nn.Module, abc.ABC):
         return rows * cols
 
     @property
+    def max_positions(self) -> int | None:
+        """The position embeddings of the LM (``max_position_embeddings`` of its config or
+        text config); None when the config states none."""
+        config = getattr(self.model, "config", None)
+        for part in (config, getattr(config, "text_config", None)):
+            value = getattr(part, "max_position_embeddings", None)
+            if value:
+                return int(value)
+        return None
+
+    @property
+    def caption_token_limit(self) -> int | None:
+        """The longest caption in tokens (``max_caption_tokens`` or what the positions allow)."""
+        if self.max_caption_tokens is not None:
+            return self.max_caption_tokens
+        if self.max_positions is None:
+            return None
+        return max(1, self.max_positions - self.tokens_per_image - self.CAPTION_RESERVE)
+
+    @property
     def needs_pixels_for_understanding(self) -> bool:
         """True when the understanding flow reads pixels (e.g. Janus's SigLIP), not VQ codes."""
         return False
@@ -324,6 +356,36 @@ class BackboneAdapter(nn.Module, abc.ABC):
             )
 
     # ---- flows ---------------------------------------------------------------------------------
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def caption_ids(self, caption: str) -> list[int]:
+        """Token ids of ``caption``, cut to ``caption_token_limit`` (each cut is counted). The
+        text is cut to ``CHARS_PER_TOKEN_CAP`` characters per token first, so that a megabyte
+        caption is never tokenised whole."""
+        limit = self.caption_token_limit
+        if limit is None:
+            return self._text(caption)
+        ids = self._text(caption[: limit * self.CHARS_PER_TOKEN_CAP])
+        if len(ids) > limit or len(caption) > limit * self.CHARS_PER_TOKEN_CAP:
+            self.truncated_captions += 1
+        return ids[:limit]
+
+    def pop_truncated_captions(self) -> int:
+        """Captions truncated since the last call (the stage logs them)."""
+        count, self.truncated_captions = self.truncated_captions, 0
+        return count
+
+    def check_positions(self, batch: FlowBatch, flow: str) -> None:
+        """A flow longer than the position embeddings is an error, never a silent overrun."""
+        length, limit = batch.labels.shape[1], self.max_positions
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{type(self).__name__}: a {flow} sequence of {length} tokens exceeds the "
+                f"backbone's {limit} position embeddings; lower max_caption_tokens (now "
+                f"{self.caption_token_limit}) or shorten the prompts"
+            )
+
     @abc.abstractmethod
     def build_understanding(
         self,
@@ -360,6 +422,7 @@ class BackboneAdapter(nn.Module, abc.ABC):
         ``pool_mask`` (B, N) bool restricts the mean pooling to the True image slots.
         """
         self.check_layers(layers)
+        self.check_positions(batch, flow)
         forward = {"U": self._forward_understanding, "G": self._forward_generation}.get(flow)
         if forward is None:
             raise ValueError(f"flow must be 'U' or 'G', got {flow!r}")

@@ -99,8 +99,9 @@ class ChameleonAdapter(BackboneAdapter):
         config_overrides: dict | None = None,
         mask_token: str | None = None,
         torch_dtype: str = "float32",
+        max_caption_tokens: int | None = None,
     ):
-        super().__init__()
+        super().__init__(max_caption_tokens)
         overrides = dict(config_overrides or {})
         if pretrained_path is not None:
             local_checkpoint(pretrained_path)
@@ -183,9 +184,6 @@ class ChameleonAdapter(BackboneAdapter):
         )
 
     # ---- flows ---------------------------------------------------------------------------------
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
     def _batch(self, rows: list[tuple[list[int], list[int], int]]) -> FlowBatch:
         n = self.tokens_per_image
         rows = [(ids, lab, start + torch.arange(n)) for ids, lab, start in rows]
@@ -210,7 +208,7 @@ class ChameleonAdapter(BackboneAdapter):
             head = [bos, self.special["boi"]]
             image_ids = self.image_token_ids[image.to(self.image_token_ids.device)].tolist()
             context = head + image_ids + [self.special["eoi"]] + self._text(prompt)
-            target = self._text(caption) + [eos]
+            target = self.caption_ids(caption) + [eos]
             rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
         return self._batch(rows)
 
@@ -220,7 +218,7 @@ class ChameleonAdapter(BackboneAdapter):
             raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
         rows = []
         for caption, image, masked in zip(captions, codes, mask.bool(), strict=True):
-            head = [self.tokenizer.bos_token_id, *self._text(caption), self.special["boi"]]
+            head = [self.tokenizer.bos_token_id, *self.caption_ids(caption), self.special["boi"]]
             image_ids = self.image_token_ids[image.to(self.image_token_ids.device)].cpu()
             labels = torch.where(
                 masked.cpu(), image.cpu(), torch.full_like(image.cpu(), IGNORE_INDEX)

@@ -89,8 +89,9 @@ class Emu3Adapter(BackboneAdapter):
         config_overrides: dict | None = None,
         mask_token: str = "<|extra_201|>",
         torch_dtype: str = "float32",
+        max_caption_tokens: int | None = None,
     ):
-        super().__init__()
+        super().__init__(max_caption_tokens)
         overrides = dict(config_overrides or {})
         self._image_size = int(overrides.pop("image_size", 32))
         if pretrained_path is not None:
@@ -182,9 +183,6 @@ class Emu3Adapter(BackboneAdapter):
         rows, cols = self.image_grid
         return (torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)).flatten()
 
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
     def _batch(self, rows: list[tuple[list[int], list[int], int]]) -> FlowBatch:
         """rows of (token ids, labels, image start) -> right-padded FlowBatch."""
         offsets = self._image_offsets()
@@ -208,7 +206,7 @@ class Emu3Adapter(BackboneAdapter):
             head = [bos, self.special["boi"]]
             image_ids = self._image_ids(image).tolist()
             context = head + image_ids + [self.special["eoi"]] + self._text(prompt)
-            target = self._text(caption) + [eos]
+            target = self.caption_ids(caption) + [eos]
             rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
         return self._batch(rows)
 
@@ -219,7 +217,7 @@ class Emu3Adapter(BackboneAdapter):
         offsets = self._image_offsets()
         rows = []
         for caption, image, masked in zip(captions, codes, mask.bool(), strict=True):
-            head = [self.tokenizer.bos_token_id, *self._text(caption), self.special["boi"]]
+            head = [self.tokenizer.bos_token_id, *self.caption_ids(caption), self.special["boi"]]
             image_ids = self._image_ids(image)
             labels = torch.full_like(image_ids, IGNORE_INDEX)
             where = offsets[masked.cpu()]

@@ -121,8 +121,9 @@ class JanusAdapter(BackboneAdapter):
         pretrained_path: str | None = None,
         config_overrides: dict | None = None,
         torch_dtype: str = "float32",
+        max_caption_tokens: int | None = None,
     ):
-        super().__init__()
+        super().__init__(max_caption_tokens)
         dtype = DTYPES[torch_dtype]
         if pretrained_path is not None:
             local_checkpoint(pretrained_path)
@@ -230,9 +231,6 @@ class JanusAdapter(BackboneAdapter):
         return (pixels.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std
 
     # ---- flows ---------------------------------------------------------------------------------
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
     def _batch(self, rows: list[tuple[list[int], list[int], int]], extra: dict) -> FlowBatch:
         """rows of (token ids, labels, image start) -> right-padded FlowBatch."""
         n = self.tokens_per_image
@@ -257,7 +255,7 @@ class JanusAdapter(BackboneAdapter):
             head = [bos, self.special["boi"]]
             image = [self.special["placeholder"]] * self.tokens_per_image
             context = head + image + [self.special["eoi"]] + self._text(prompt)
-            target = self._text(caption) + [eos]
+            target = self.caption_ids(caption) + [eos]
             rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
         return self._batch(rows, {"pixel_values": self.siglip_pixels(pixels)})
 
@@ -267,7 +265,7 @@ class JanusAdapter(BackboneAdapter):
             raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
         rows = []
         for caption, image, masked in zip(captions, codes.cpu(), mask.bool().cpu(), strict=True):
-            head = [self.tokenizer.bos_token_id, *self._text(caption), self.special["boi"]]
+            head = [self.tokenizer.bos_token_id, *self.caption_ids(caption), self.special["boi"]]
             ids = head + [self.special["placeholder"]] * len(image) + [self.special["eoi"]]
             labels = torch.where(masked, image, torch.full_like(image, IGNORE_INDEX))  # (N,)
             lab = [IGNORE_INDEX] * len(head) + labels.tolist() + [IGNORE_INDEX]

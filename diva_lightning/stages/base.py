@@ -243,6 +243,8 @@ class DualFlowModule(L.LightningModule):
         self.log("data/skipped", float(sum(skips.values())), reduce_fx="sum")
         for reason, count in skips.items():
             self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum")
+        truncated = self.backbone.pop_truncated_captions()  # cut to max_caption_tokens
+        self.log("data/truncated_captions", float(truncated), reduce_fx="sum")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         out_u, out_g = self.run_flows(batch, self.layers)

@@ -73,8 +73,9 @@ class ShowoAdapter(BackboneAdapter):
         preset: str = "tiny",
         torch_dtype: str = "float32",
         prompt_template: str | None = None,
+        max_caption_tokens: int | None = None,
     ):
-        super().__init__()
+        super().__init__(max_caption_tokens)
         overrides = dict(config_overrides or {})
         self._saved = {"preset": preset, "overrides": overrides, "prompt_template": CHAT_TEMPLATE}
         if pretrained_path is None:
@@ -190,10 +191,18 @@ class ShowoAdapter(BackboneAdapter):
     def _decode_images(self, codes: Tensor) -> Tensor:
         return (self.magvit.decode_code(codes).float() + 1) / 2
 
-    # ---- flows ---------------------------------------------------------------------------------
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.showo.config.max_position_embeddings)
 
+    @property
+    def caption_token_limit(self) -> int:
+        """Show-o's text slots are fixed (``max_text_len``, BOS and EOS included): a caption
+        never passes them, and one cut to fit them is counted."""
+        slots = self.max_text_len - 2
+        return min(self.max_caption_tokens or slots, slots)
+
+    # ---- flows ---------------------------------------------------------------------------------
     def _flow_batch(self, ids: Tensor, labels: Tensor, mask4d: Tensor, start: int) -> FlowBatch:
         device = self.model.showo.lm_head.weight.device
         n = self.tokens_per_image
@@ -219,7 +228,7 @@ class ShowoAdapter(BackboneAdapter):
         texts, contexts = [], []
         for prompt, caption in zip(prompts, captions, strict=True):
             context = self._text(self.prompt_template.format(prompt=prompt)) if prompt else []
-            text = context + self._text(f" {caption}" if context else caption)
+            text = context + self.caption_ids(f" {caption}" if context else caption)
             bos_added = not text or text[0] != self.special.bos
             texts.append(text)
             contexts.append(int(bos_added) + len(context))
@@ -236,7 +245,7 @@ class ShowoAdapter(BackboneAdapter):
         codes, mask = codes.cpu(), mask.cpu().bool()
         image_tokens = codes + self.model.config.image_token_offset
         inputs, _ = apply_token_mask(image_tokens, mask, self.mask_token_id)
-        ids, _, _ = self.prompting.t2i([self._text(c) for c in captions], inputs, inputs)
+        ids, _, _ = self.prompting.t2i([self.caption_ids(c) for c in captions], inputs, inputs)
         start = self.max_text_len + 2
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, start : start + self.tokens_per_image] = torch.where(mask, codes, IGNORE_INDEX)
