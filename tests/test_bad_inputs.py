@@ -269,3 +269,60 @@ def test_a_flow_longer_than_the_position_embeddings_is_an_error_naming_the_cap(c
     flow = adapter.build_generation(["a red square. " * 2000], codes, mask)
     with pytest.raises(ValueError, match=r"(?s)position embeddings.*max_caption_tokens"):
         adapter.forward_flow(flow, "G")
+
+
+def test_member_names_with_dots_are_skipped_naming_the_real_cause(tmp_path):
+    """Item 4: WebDataset splits a member name at its first dot, so 'a.b.c.jpg' is key 'a'
+    with extension 'b.c.jpg'; the skip says so and quotes the whole name."""
+    from diva_lightning.data import DualFlowDataModule
+    from tests.data_helpers import write_tar
+
+    image = encode(rgb(8))
+    samples = [
+        {"__key__": "photo", "v2.final.jpg": image, "v2.final.txt": "a red square."},
+        {"__key__": "plain", "jpg": image, "txt": "a red square."},
+    ]
+    shard = write_tar(tmp_path / "dots.tar", samples)
+    dm = DualFlowDataModule(str(shard), str(shard), image_size=8, image_grid=(2, 2), batch_size=4,
+                            max_skip_fraction=1.0)  # fmt: skip
+    dm.setup("fit")
+    keys = [k for batch in dm.make_loader("val", 0, 1) for k in batch.keys]
+    assert keys == ["plain"]
+    counter = dm.skips["val"]
+    assert counter.as_dict() == {"dotted_name": 1}
+    cause = counter.examples["dotted_name"][0].cause
+    assert "photo.v2.final.jpg" in cause and "first dot" in cause
+
+
+def test_a_folder_of_shards_reads_every_tar_format_and_names_what_it_ignores(tmp_path, caplog):
+    """Item 5: compressed tars are shards too; anything else in the folder is listed."""
+    import gzip
+    import lzma
+    import shutil
+
+    from diva_lightning.data import DualFlowDataModule
+    from diva_lightning.data.shards import resolve_shards
+    from tests.data_helpers import write_tar
+
+    image, folder = encode(rgb(8)), tmp_path / "shards"
+    folder.mkdir()
+    for name in ("a", "b", "c", "d"):
+        samples = [
+            {"__key__": f"{name}{i}", "png": image, "txt": "a red square."} for i in range(3)
+        ]
+        write_tar(tmp_path / f"{name}.tar", samples)
+    shutil.move(tmp_path / "a.tar", folder / "a.tar")
+    (folder / "b.tar.gz").write_bytes(gzip.compress((tmp_path / "b.tar").read_bytes()))
+    (folder / "c.tgz").write_bytes(gzip.compress((tmp_path / "c.tar").read_bytes()))
+    (folder / "d.tar.xz").write_bytes(lzma.compress((tmp_path / "d.tar").read_bytes()))
+    (folder / "e.tar.zst").write_bytes(b"zstd is not read by tarfile")
+    (folder / "notes.md").write_text("hello")
+    with caplog.at_level("WARNING"):
+        shards = resolve_shards(str(folder), "train_shards")
+    assert [p.rsplit("/", 1)[1] for p in shards] == ["a.tar", "b.tar.gz", "c.tgz", "d.tar.xz"]
+    assert "e.tar.zst" in caplog.text and "notes.md" in caplog.text
+    dm = DualFlowDataModule(str(folder), str(folder), image_size=8, image_grid=(2, 2),
+                            batch_size=4, max_skip_fraction=0.0)  # fmt: skip
+    dm.setup("fit")
+    keys = sorted(k for batch in dm.make_loader("val", 0, 1) for k in batch.keys)
+    assert keys == sorted(f"{n}{i}" for n in "abcd" for i in range(3))

@@ -178,6 +178,27 @@ def codes_problem(shape: tuple, dtype: np.dtype, grid: tuple[int, int]) -> str |
     return None
 
 
+def check_member_names(sample: dict, known: tuple[str, ...]) -> None:
+    """Skip a sample whose member names hold dots before the extension, naming the cause.
+
+    WebDataset's convention, kept here: a member's key ends at the first dot of its name and
+    the rest is the extension, so ``photo.v2.final.jpg`` is key ``photo`` with extension
+    ``v2.final.jpg``, which no reader expects. Splitting at the last dot instead would break
+    multi-part extensions such as ``codes.npy``, and samples sharing a prefix would merge.
+    ``diva-cli prepare`` writes names without such dots."""
+    dotted = [k for k in sample if not k.startswith("__") and "." in k and k not in known]
+    if not dotted or any(k in sample for k in known if k != "json"):
+        return
+    key = sample.get("__key__")
+    names = ", ".join(f"'{key}.{ext}'" for ext in sorted(dotted))
+    raise SkipSample(
+        "dotted_name",
+        f"members {names}: WebDataset ends a key at the first dot, so the extension read is "
+        f"'{sorted(dotted)[0]}'. Rename the files with no dot before the extension (as "
+        "`diva-cli prepare` writes them).",
+    )
+
+
 # ---- one sample, one stream ------------------------------------------------------------------
 @dataclass
 class SampleDecoder:
@@ -195,6 +216,7 @@ class SampleDecoder:
     min_image_side: int = 8
 
     def __call__(self, sample: dict) -> dict:
+        check_member_names(sample, (self.caption_key, "json", CODES_KEY, *self.image_keys))
         caption = decode_caption(sample, self.caption_key, self.caption_field)
         codes = pixels = None
         if self.use_codes:

@@ -1,7 +1,8 @@
 """Shard lists: expand patterns, check them before training, split them over ranks and workers.
 
 Patterns: a string or a list of strings; each may use braces (``data/shard-{000000..000009}.tar``),
-shell globs (``data/*.tar``) or name a directory (all its ``*.tar``). Local paths are checked to
+shell globs (``data/*.tar``) or name a directory (all its shards: ``SHARD_SUFFIXES``, plain and
+compressed tars; other files are listed in a warning). Local paths are checked to
 exist; remote URLs (``scheme://``, ``pipe:``) are passed through unchecked.
 
 Splitting (``split_shards``): rank ``r`` of ``R`` takes ``shards[r::R]``; worker ``w`` of ``W``
@@ -17,6 +18,7 @@ pattern before any training step (``check_shard_count``):
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +28,10 @@ import webdataset as wds
 
 from diva_lightning.data.skips import SkipCounter, TarErrorHandler
 
+log = logging.getLogger(__name__)
 REMOTE_PREFIXES = ("pipe:", "http:", "https:", "s3:", "gs:", "ais:", "sftp:", "scp:")
+# What WebDataset's tar reader opens (``tarfile`` in stream mode "r|*": plain, gzip, bz2, xz).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
 def _is_remote(url: str) -> bool:
@@ -39,10 +44,7 @@ def _expand_one(pattern: str, name: str) -> list[str]:
         if _is_remote(path):
             out.append(path)
         elif os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "*.tar")))
-            if not found:
-                raise FileNotFoundError(f"{name}: directory '{path}' holds no *.tar shard")
-            out += found
+            out += _folder_shards(path, name)
         elif glob.has_magic(path):
             found = sorted(glob.glob(path))
             if not found:
@@ -57,6 +59,23 @@ def _expand_one(pattern: str, name: str) -> list[str]:
     return out
 
 
+def _folder_shards(path: str, name: str) -> list[str]:
+    """Every shard of a folder (``SHARD_SUFFIXES``), with a warning listing what else it holds
+    (e.g. ``.tar.zst``, which the tar reader cannot open)."""
+    files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    found = [os.path.join(path, f) for f in files if f.endswith(SHARD_SUFFIXES)]
+    ignored = [f for f in files if not f.endswith(SHARD_SUFFIXES) and f != "summary.json"]
+    if not found:
+        kinds = ", ".join(f"*{suffix}" for suffix in SHARD_SUFFIXES)
+        raise FileNotFoundError(f"{name}: directory '{path}' holds no shard ({kinds})")
+    if ignored:
+        log.warning(
+            "%s: %d file(s) in '%s' are not shards and are not read: %s", name, len(ignored),
+            path, ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""),
+        )  # fmt: skip
+    return found
+
+
 def any_shard_exists(patterns: str | Sequence[str] | None) -> bool:
     """Does any path of ``patterns`` exist (a file, a glob match, a directory with a ``*.tar``)?
     Remote urls count as existing. Used to tell "matches nothing" from "partly missing"."""
@@ -67,7 +86,7 @@ def any_shard_exists(patterns: str | Sequence[str] | None) -> bool:
         for path in braceexpand.braceexpand(os.path.expanduser(str(pattern))):
             if _is_remote(path) or os.path.isfile(path):
                 return True
-            if os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")):
+            if os.path.isdir(path) and any(f.endswith(SHARD_SUFFIXES) for f in os.listdir(path)):
                 return True
             if glob.has_magic(path) and glob.glob(path):
                 return True

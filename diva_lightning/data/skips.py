@@ -31,6 +31,7 @@ REASONS = {
     "shard_open_error": "the shard could not be opened",
     "bad_tar": "truncated or corrupt tar archive (samples before the damage are kept)",
     "duplicate_member": "two members with the same key and extension in one tar",
+    "dotted_name": "member names with more dots than their extension (WebDataset keys end at the first dot)",
     "missing_image": "no image member in the sample",
     "empty_image": "zero-byte image member",
     "not_an_image": "bytes that are no image format (whatever the extension says)",
