@@ -326,3 +326,50 @@ def test_a_folder_of_shards_reads_every_tar_format_and_names_what_it_ignores(tmp
     dm.setup("fit")
     keys = sorted(k for batch in dm.make_loader("val", 0, 1) for k in batch.keys)
     assert keys == sorted(f"{n}{i}" for n in "abcd" for i in range(3))
+
+
+def test_messages_name_the_file_and_line_and_the_source_of_an_encoding_error(folder, tmp_path):
+    """Item 7: file:line for every JSONL/CSV skip (the image's too), encoding errors worded
+    for their source, and no stray "? /" prefix."""
+    (folder / "c.png").write_bytes(b"not an image at all")
+    lines = [
+        b'{"image": "a.png", "caption": "a red square."}',
+        b'{"image": "c.png", "caption": "a broken image."}',
+        b'{"image": "b.png", "caption": "caf\xe9 latin-1"}',
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b"\n".join(lines) + b"\n")
+    summary = prepare(out=str(tmp_path / "s"), images=str(folder), captions=str(pairs), quiet=True)
+    examples = {r: e[0] for r, e in summary["skipped_examples"].items()}
+    assert examples["not_an_image"]["item"].startswith("pairs.jsonl:2")
+    assert examples["bad_caption_encoding"]["item"] == "pairs.jsonl:3"
+    assert "'txt'" not in examples["bad_caption_encoding"]["cause"]
+    assert "caption" in examples["bad_caption_encoding"]["cause"]
+    from diva_lightning.data.skips import SkipRecord
+
+    assert str(SkipRecord("empty_caption", "pairs.jsonl:4", None, "empty")) == (
+        "pairs.jsonl:4: empty"
+    )
+
+
+def test_too_large_honours_and_quotes_max_image_pixels():
+    """Item 7: Pillow's own bomb guard (179 MP) must not overrule the project's limit."""
+    from diva_lightning.data.decode import SkipSample, open_image
+    from tests.data_helpers import bomb_png
+
+    header = bomb_png(20_000, 20_000)  # 400 megapixels (a header only)
+    assert open_image(header, max_pixels=int(5e8), min_side=8).size == (20_000, 20_000)
+    with pytest.raises(SkipSample) as skip:
+        open_image(header, max_pixels=int(3e8), min_side=8)
+    assert skip.value.reason == "too_large" and "max_image_pixels=300000000" in skip.value.cause
+
+
+def test_broken_links_and_folders_named_like_images_are_counted(folder, tmp_path):
+    (folder / "a.txt").write_text("a red square.")
+    (folder / "b.txt").write_text("a red square.")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "album.jpg").mkdir()
+    summary = prepare(out=str(tmp_path / "s"), images=str(folder), quiet=True)
+    assert summary["written"] == 2 and summary["skipped_total"] == 2
+    causes = " ".join(e["cause"] for e in summary["skipped_examples"]["missing_image"])
+    assert "broken symbolic link" in causes and "folder" in causes

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -52,16 +51,18 @@ def open_image(data: bytes, max_pixels: int, min_side: int) -> Image.Image:
     """Open lazily and check the header size; nothing is decoded yet."""
     if not data:
         raise SkipSample("empty_image", "zero-byte image member")
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exn:
-        raise SkipSample("too_large", str(exn)) from exn
+        # Pillow's own guard (2 x 89 MP) would overrule ``max_pixels`` either way: it is lifted
+        # while the header is read, and ``max_pixels`` is checked just below, before decoding.
+        Image.MAX_IMAGE_PIXELS = None
+        image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exn:
         raise SkipSample("not_an_image", f"not an image ({len(data)} bytes)") from exn
     except Exception as exn:  # broken headers raise all sorts
         raise SkipSample("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     width, height = image.size
     if width * height > max_pixels:
         raise SkipSample("too_large", f"{width}x{height} > max_image_pixels={max_pixels}")
@@ -127,12 +128,15 @@ def _utf8(raw: bytes | str, what: str) -> str:
         raise SkipSample("bad_caption_encoding", f"{what} is not UTF-8: {exn}") from exn
 
 
-def decode_caption(sample: dict, key: str = "txt", field: str | None = None) -> str:
-    """Caption from member ``key`` (text), or from dotted ``field`` of the JSON member ``key``."""
+def decode_caption(
+    sample: dict, key: str = "txt", field: str | None = None, source: str | None = None
+) -> str:
+    """Caption from member ``key`` (text), or from dotted ``field`` of the JSON member ``key``.
+    ``source`` names where the caption came from in messages (default: the member)."""
     raw = sample.get(key)
     if raw is None:
         raise SkipSample("missing_caption", f"no '{key}' member")
-    text = _utf8(raw, f"'{key}'")
+    text = _utf8(raw, source or f"member '{key}'")
     if field is not None:
         try:
             value = json.loads(text)

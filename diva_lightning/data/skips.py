@@ -70,7 +70,8 @@ class SkipRecord:
     cause: str
 
     def __str__(self) -> str:
-        return f"{self.url or '?'} / {self.key or '-'}: {self.cause}"
+        where = " / ".join(part for part in (self.url, self.key) if part) or "?"
+        return f"{where}: {self.cause}"
 
 
 @dataclass

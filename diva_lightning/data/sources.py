@@ -10,7 +10,8 @@ Caption sources for a folder of images:
 
 Relative paths in JSONL/CSV are relative to the image folder (default: the file's folder).
 Problems are not raised: an item carries ``skip = (reason, cause)`` and ``prepare`` counts it;
-a JSONL/CSV row's skip names its ``file:line``. A field that is not a string (a number, list or
+a JSONL/CSV row is named by its ``file:line`` (and image path) in every skip and in the
+shards' ``json`` metadata; a broken link or a folder named like an image is a counted skip. A field that is not a string (a number, list or
 object in JSON) is a ``bad_field`` skip. A UTF-8 byte-order mark at the start of a file is
 dropped.
 """
@@ -43,13 +44,13 @@ class SourceItem:
     skip: tuple[str, str] | None = None  # (reason, cause)
 
 
-def _caption(text: str | None) -> tuple[str | None, tuple[str, str] | None]:
+def _caption(text: str | None, source: str) -> tuple[str | None, tuple[str, str] | None]:
     """Normalise a caption read as text with ``surrogateescape`` (bad bytes -> surrogates)."""
     if text is None:
         return None, ("missing_caption", "no caption given")
     try:
         raw = text.encode("utf-8", errors="surrogateescape")
-        return decode_caption({"txt": raw}), None
+        return decode_caption({"txt": raw}, source=source), None
     except SkipSample as skip:
         return None, (skip.reason, skip.cause)
 
@@ -57,14 +58,24 @@ def _caption(text: str | None) -> tuple[str | None, tuple[str, str] | None]:
 def sidecar_items(folder: Path) -> Iterator[SourceItem]:
     """Every image file under ``folder`` with its ``.txt`` sidecar."""
     suffixes = {f".{ext}" for ext in IMAGE_KEYS}
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
     for path in paths:
         name, sidecar = str(path.relative_to(folder)), path.with_suffix(".txt")
+        if not path.is_file():  # a broken link or a folder named like an image: counted
+            what = (
+                "a folder"
+                if path.is_dir()
+                else "a broken symbolic link"
+                if path.is_symlink()
+                else "not a file"
+            )
+            yield SourceItem(name, path=path, skip=("missing_image", f"{name} is {what}"))
+            continue
         if not sidecar.is_file():
             yield SourceItem(name, path=path, skip=("missing_caption", f"no {sidecar.name}"))
             continue
         try:
-            caption = decode_caption({"txt": sidecar.read_bytes()})
+            caption = decode_caption({"txt": sidecar.read_bytes()}, source=f"{sidecar.name}")
         except SkipSample as skip:
             yield SourceItem(name, path=path, skip=(skip.reason, skip.cause))
             continue
@@ -89,8 +100,10 @@ def _table_item(folder: Path, where: str, path, text) -> SourceItem:
         return SourceItem(where, skip=wrong)
     if not path:
         return SourceItem(where, skip=("missing_image", "no image path"))
-    caption, skip = _caption(text)
-    return SourceItem(where if skip else path, caption, path=folder / path, skip=skip)
+    caption, skip = _caption(text, f"the caption at {where}")
+    return SourceItem(
+        where if skip else f"{where} ({path})", caption, path=folder / path, skip=skip
+    )
 
 
 def jsonl_items(file: Path, folder: Path) -> Iterator[SourceItem]:
