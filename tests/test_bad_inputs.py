@@ -373,3 +373,35 @@ def test_broken_links_and_folders_named_like_images_are_counted(folder, tmp_path
     assert summary["written"] == 2 and summary["skipped_total"] == 2
     causes = " ".join(e["cause"] for e in summary["skipped_examples"]["missing_image"])
     assert "broken symbolic link" in causes and "folder" in causes
+
+
+def _two_shards(root, first: list[str]):
+    from tests.data_helpers import write_tar
+
+    image = encode(rgb(8))
+    a = [{"__key__": f"a{i}", "png": image, "txt": t} for i, t in enumerate(first)]
+    b = [{"__key__": f"b{i:02d}", "png": image, "txt": "a blue circle."} for i in range(99)]
+    return [str(write_tar(root / "a.tar", a)), str(write_tar(root / "b.tar", b))]
+
+
+def _train_keys(urls, batches=50):
+    from diva_lightning.data import DualFlowDataModule
+
+    dm = DualFlowDataModule(
+        urls, None, image_size=8, image_grid=(2, 2), batch_size=4, num_workers=2,
+        shuffle_buffer=0, batches_per_epoch=batches, max_skip_fraction=1.0,
+        persistent_workers=False,
+    )  # fmt: skip
+    dm.setup("fit")
+    return [k for batch in dm.make_loader("train", 0, 1) for k in batch.keys]
+
+
+def test_a_worker_whose_shards_hold_no_valid_sample_does_not_kill_training(tmp_path):
+    """Item 8: every worker reads every shard in turn, so a worker's bad share costs nothing."""
+    keys = _train_keys(_two_shards(tmp_path, ["", " ", ""]))
+    assert len(keys) == 200 and all(k.startswith("b") for k in keys)
+
+
+def test_a_worker_with_a_single_good_sample_does_not_repeat_it(tmp_path):
+    keys = _train_keys(_two_shards(tmp_path, ["a red square."]))
+    assert keys.count("a0") / len(keys) < 0.05  # one sample of 100: about 1%, never half

@@ -9,12 +9,16 @@ copy each) and yields pre-batched dicts, so the loader is ``DataLoader(batch_siz
       -> shuffle_stream                   (train) seeded buffer shuffle
       -> batch_stream                     stack fixed-shape tensors; ship the worker's skip counts
 
-Training is an endless stream per worker: its shards reshuffled on every pass (seeded by seed,
-rank, worker, epoch and pass), so nothing is re-read until the worker's whole share has been
-read once, and the stream persists across epochs (``persistent_workers``; with non-persistent
-workers the epoch, set in the main process before the workers start, reseeds the order). An
-epoch is ``batches_per_worker`` batches of each worker. If a whole pass over a worker's shards
-yields no valid sample, the worker raises instead of spinning forever. Validation is one
+Training is an endless stream per worker. The shards are cut into ``R x W`` shares (one per
+rank and worker: ``split_shards``); on pass ``p`` the (rank, worker) of slot ``s`` reads share
+``(s + p) mod (R x W)``, its shards reshuffled (seeded by seed, rank, worker, epoch and pass).
+So on every pass each share is read by exactly one (rank, worker), and over ``R x W`` passes
+every worker has read every share: a worker whose own share holds few or no valid samples
+moves on to the next share, instead of repeating one sample or stopping the run. The stream
+persists across epochs (``persistent_workers``; with non-persistent workers the epoch, set in
+the main process before the workers start, reseeds the order). An epoch is
+``batches_per_worker`` batches of each worker. If ``R x W`` passes in a row (every share)
+yield no valid sample, the worker raises instead of spinning forever. Validation is one
 deterministic pass in shard order, the last batch partial.
 """
 
@@ -137,19 +141,25 @@ class ShardPipeline(IterableDataset):
         return self.batches_per_worker * max(1, self.num_workers)
 
     def _shard_stream(self, worker: int, workers: int) -> Iterator[dict]:
-        mine = split_shards(self.shards, self.rank, self.world_size, worker, workers)
         if not self.train:
-            yield from self._announce(mine)
+            yield from self._announce(
+                split_shards(self.shards, self.rank, self.world_size, worker, workers)
+            )
             return
+        slots = self.world_size * workers
+        slot, empty = self.rank + self.world_size * worker, 0  # split_shards' share of ours
         for npass in range(2**62):
-            order = list(mine)
+            share = (slot + npass) % slots
+            order = split_shards(self.shards, share % self.world_size, self.world_size,
+                                 share // self.world_size, workers)  # fmt: skip
             random.Random(f"{self.seed}/{self.rank}/{worker}/{self.epoch}/{npass}").shuffle(order)
             before = self.counter.kept_total
             yield from self._announce(order)
-            if self.counter.kept_total == before:
+            empty = empty + 1 if self.counter.kept_total == before else 0
+            if empty >= slots:
                 raise RuntimeError(
-                    f"rank {self.rank} worker {worker}: a full pass over its shards {mine} gave "
-                    f"no valid sample.\n" + self._worker_summary()
+                    f"rank {self.rank} worker {worker}: {slots} passes in a row, over every "
+                    f"shard, gave no valid sample.\n" + self._worker_summary()
                 )
 
     def _announce(self, urls: Sequence[str]) -> Iterator[dict]:
