@@ -242,6 +242,9 @@ class DualFlowDataModule(L.LightningDataModule):
             try:
                 decode_codes(sample[CODES_KEY], grid, self.codebook_size)
             except SkipSample as exn:
+                if exn.reason != "bad_codes":  # damaged bytes: one sample, the loader counts it
+                    self.split_uses_codes[split] = uses
+                    return uses
                 raise ValueError(
                     f"{split}_shards: shard {url}, key {sample.get('__key__')}: {exn.cause}. "
                     "Re-run `diva-cli prepare` with this backbone, or set use_codes: false."

@@ -158,7 +158,7 @@ def decode_codes(data: bytes, grid: tuple[int, int], codebook_size: int | None) 
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exn:
-        raise SkipSample("bad_codes", f"codes.npy does not load: {exn}") from exn
+        raise SkipSample("corrupt_codes", f"codes.npy does not load: {exn}") from exn
     problem = codes_problem(array.shape, array.dtype, grid)
     if problem is None and codebook_size is not None and array.size:
         low, high = int(array.min()), int(array.max())

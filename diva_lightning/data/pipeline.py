@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from diva_lightning.data.decode import SampleDecoder, decode_stream
 from diva_lightning.data.shards import split_shards
-from diva_lightning.data.skips import SkipCounter, TarErrorHandler
+from diva_lightning.data.skips import MemberNames, SkipCounter, TarErrorHandler
 
 
 def shuffle_stream(samples: Iterable[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -174,7 +174,10 @@ class ShardPipeline(IterableDataset):
 
     def _batches(self, worker: int, workers: int) -> Iterator[dict]:
         handler = TarErrorHandler(self.counter, self._current)
-        samples = wds.tarfile_to_samples(handler=handler)(self._shard_stream(worker, workers))
+        names = MemberNames(self.counter, self._current)
+        samples = wds.tarfile_to_samples(handler=handler, select_files=names)(
+            self._shard_stream(worker, workers)
+        )
         decoded = decode_stream(samples, self.decoder, self.counter)
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(f"shuffle/{self.seed}/{self.rank}/{worker}/{self.epoch}")

@@ -24,6 +24,8 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+from webdataset.tariterators import base_plus_ext
+
 log = logging.getLogger(__name__)
 
 REASONS = {
@@ -44,15 +46,18 @@ REASONS = {
     "bad_json": "the json member does not parse",
     "missing_codes": "pre-tokenised run, but the sample has no codes.npy",
     "bad_codes": "codes.npy of the wrong shape, dtype or range",
+    "corrupt_codes": "codes.npy does not load (damaged bytes)",
     "other": "any other per-sample error (see the recorded cause)",
     "tar_error": "any other error while reading a tar shard (see the recorded cause)",
+    "unnamed_member": "a tar member without a key.extension name (WebDataset cannot group it)",
 }
 # Shard-level events: each is one record, not one lost sample (a duplicated member, a cut
 # end-of-archive or an unreadable shard says nothing about how many samples it held), so they
 # are reported apart and never enter the skipped fraction.
 EVENTS = frozenset(
-    {"missing_shard", "shard_open_error", "bad_tar", "duplicate_member", "tar_error"}
-)
+    {"missing_shard", "shard_open_error", "bad_tar", "duplicate_member", "tar_error",
+     "unnamed_member"}
+)  # fmt: skip
 EXAMPLES_PER_REASON = 3
 
 
@@ -226,3 +231,20 @@ class TarErrorHandler:
         url = self.current.get("url") or exception_url(exn)
         self.counter.add(classify_tar_error(exn), None, url, f"{type(exn).__name__}: {message}")
         return not inner
+
+
+@dataclass
+class MemberNames:
+    """WebDataset ``select_files``: a member whose name is not ``key.extension`` (no dot, or
+    nothing before the first dot) would be dropped by WebDataset's grouping without a word;
+    here it is recorded as an ``unnamed_member`` event first."""
+
+    counter: SkipCounter
+    current: dict = field(default_factory=dict)
+
+    def __call__(self, fname: str) -> bool:
+        if base_plus_ext(fname)[0] is not None:
+            return True
+        cause = f"member '{fname}' has no key.extension name, so it belongs to no sample"
+        self.counter.add("unnamed_member", fname, self.current.get("url"), cause)
+        return False
