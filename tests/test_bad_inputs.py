@@ -405,3 +405,30 @@ def test_a_worker_whose_shards_hold_no_valid_sample_does_not_kill_training(tmp_p
 def test_a_worker_with_a_single_good_sample_does_not_repeat_it(tmp_path):
     keys = _train_keys(_two_shards(tmp_path, ["a red square."]))
     assert keys.count("a0") / len(keys) < 0.05  # one sample of 100: about 1%, never half
+
+
+def test_codes_of_another_tokenizer_are_refused_even_with_the_same_codebook_size(tmp_path):
+    """Item 12: the shards record the tokenizer's class and a hash of its weights."""
+    import torch
+
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.data import DualFlowDataModule
+
+    torch.manual_seed(0)
+    writer = Emu3Adapter.tiny()
+    torch.manual_seed(1)
+    other = Emu3Adapter.tiny()  # the same class and codebook size, other VQ weights
+    out = tmp_path / "coded"
+    summary = prepare(out=str(out), synthetic=8, backbone=writer, max_count=4, quiet=True)
+    assert summary["codes"]["tokenizer"]["class"].endswith("Emu3VQVAE")
+
+    def bind(adapter, **kwargs):
+        dm = DualFlowDataModule(str(out), str(out), num_workers=0, batch_size=4, **kwargs)
+        dm.bind_backbone(adapter)
+        dm.setup("fit")
+        return dm
+
+    bind(writer)  # its own codes: accepted
+    with pytest.raises(ValueError, match=r"(?s)summary\.json.*tokenizer.*check_tokenizer"):
+        bind(other)
+    bind(other, check_tokenizer=False)  # a deliberate choice (e.g. DIVA-mini's patch tokenizer)

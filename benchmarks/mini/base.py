@@ -129,7 +129,8 @@ def middle_range(cfg: MiniConfig, base: Path, shards: dict) -> tuple[int, int]:
         urls = f"{pattern[0].parent}/shard-{{{pattern[0].stem[6:]}..{pattern[-1].stem[6:]}}}.tar"
         samples = min(256, cfg.val_samples)
         analyze(out=base / "analysis.partial", backbone=load_base(cfg, base / "model"),
-                shards=urls, samples=samples, batch_size=min(32, samples))  # fmt: skip
+                shards=urls, samples=samples, batch_size=min(32, samples),
+                check_tokenizer=False)  # the patch tokenizer's codes (train.loaders)  # fmt: skip
         (base / "analysis.partial").rename(base / "analysis")
     start, end = json.loads(found.read_text())["suggested_range"]
     return int(start), int(end)

@@ -45,7 +45,9 @@ def loaders(
     cfg: MiniConfig, shards: dict, seed: int, steps: int, mask, mask_pattern="dispersed",
     split: str = "train",
 ):  # fmt: skip
-    """(train loader of this arm on ``shards[split]``, reference validation loader)."""
+    """(train loader of this arm on ``shards[split]``, reference validation loader). The codes
+    come from the benchmark's patch tokenizer, not the adapter's VQ, by design (``backbone.py``):
+    hence ``check_tokenizer=False``."""
     side = IMAGE_SIZE // PATCH
     facts = dict(image_size=IMAGE_SIZE, image_grid=(side, side), codebook_size=cfg.codebook_size)
 
@@ -54,7 +56,7 @@ def loaders(
             train_shards=str(shards[split]), val_shards=str(shards["val"]),
             batch_size=cfg.batch_size, num_workers=0, samples_per_epoch=steps * cfg.batch_size,
             shuffle_buffer=512, seed=seed, mask_ratio_min=low_high[0], mask_ratio_max=low_high[1],
-            mask_pattern=pattern, use_codes=True, **facts,
+            mask_pattern=pattern, use_codes=True, check_tokenizer=False, **facts,
         )  # fmt: skip
         data.setup("fit")
         return data

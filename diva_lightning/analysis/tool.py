@@ -45,6 +45,7 @@ def _batches(
     samples: int,
     batch_size: int,
     seed: int,
+    check_tokenizer: bool = True,
 ):
     from diva_lightning.data import DualFlowDataModule
     from diva_lightning.data.prepare import prepare
@@ -61,7 +62,11 @@ def _batches(
             quiet=True,
         )
     data = DualFlowDataModule(
-        val_shards=shards, val_batch_size=batch_size, num_workers=0, seed=seed
+        val_shards=shards,
+        val_batch_size=batch_size,
+        num_workers=0,
+        seed=seed,
+        check_tokenizer=check_tokenizer,
     )
     data.bind_backbone(adapter)
     data.setup("validate")
@@ -81,6 +86,7 @@ def analyze(
     seed: int = 0,
     variance_threshold: float = 0.95,
     freq_cutoff: float = 0.5,
+    check_tokenizer: bool = True,
 ) -> dict:
     """Per-layer gradient conflict, reconstruction residual, rank increment and frequency share.
 
@@ -95,11 +101,13 @@ def analyze(
         seed: seed of masks, prompts and the synthetic world.
         variance_threshold: explained variance kept by U's PCA basis in R_res (Eq. 2).
         freq_cutoff: normalised radial frequency above which energy counts as high (Fig. 2c).
+        check_tokenizer: refuse shard codes written by another image tokenizer (see
+            ``DualFlowDataModule``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = _backbone(backbone, run_config, checkpoint)
-    batches = _batches(adapter, shards, out, samples, batch_size, seed)
+    batches = _batches(adapter, shards, out, samples, batch_size, seed, check_tokenizer)
     result = divergence_curves(
         adapter, batches, variance_threshold, freq_cutoff, total=len(batches)
     )

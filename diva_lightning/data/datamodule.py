@@ -30,6 +30,7 @@ from diva_lightning.data.pipeline import ShardPipeline
 from diva_lightning.data.prepare import write_synthetic_shards
 from diva_lightning.data.shards import (
     any_shard_exists,
+    check_codes_tokenizer,
     check_shard_count,
     probe_first_sample,
     resolve_shards,
@@ -63,6 +64,9 @@ class DualFlowDataModule(L.LightningDataModule):
         caption_key: tar member holding the caption (``txt``), or the JSON member (``json``).
         caption_field: dotted field of the JSON member ``caption_key``; None: plain text.
         use_codes: use the shards' ``codes.npy``: None = when the first sample has them.
+        check_tokenizer: codes must come from the backbone's own image tokenizer: its class
+            and weight hash must match the ``summary.json`` that ``prepare`` wrote beside the
+            shards. False: accept codes of another tokenizer deliberately.
         keep_pixels: decode pixels even with codes: None = when the backbone's understanding
             flow needs pixels (``needs_pixels_for_understanding``, e.g. Janus).
         image_size: backbone image side in pixels (or from ``bind_backbone``).
@@ -104,6 +108,7 @@ class DualFlowDataModule(L.LightningDataModule):
         caption_key: str = "txt",
         caption_field: str | None = None,
         use_codes: bool | None = None,
+        check_tokenizer: bool = True,
         keep_pixels: bool | None = None,
         image_size: int | None = None,
         image_grid: tuple[int, int] | None = None,
@@ -135,6 +140,7 @@ class DualFlowDataModule(L.LightningDataModule):
         self.mask = (mask_ratio_min, mask_ratio_max, mask_pattern)
         self.caption_key, self.caption_field = caption_key, caption_field
         self.use_codes, self.keep_pixels = use_codes, keep_pixels
+        self.check_tokenizer = check_tokenizer
         self.image_size, self.codebook_size = image_size, codebook_size
         self.image_grid = tuple(image_grid) if image_grid is not None else None
         self.max_image_pixels, self.min_image_side = max_image_pixels, min_image_side
@@ -164,6 +170,7 @@ class DualFlowDataModule(L.LightningDataModule):
             setattr(self, name, value)
         self.backbone_needs_pixels = bool(adapter.needs_pixels_for_understanding)
         self.split_uses_codes.clear()  # re-probe with the new facts
+        self._adapter = adapter
         for split in self.shards:
             self._probe(split)
 
@@ -249,6 +256,9 @@ class DualFlowDataModule(L.LightningDataModule):
                     f"{split}_shards: shard {url}, key {sample.get('__key__')}: {exn.cause}. "
                     "Re-run `diva-cli prepare` with this backbone, or set use_codes: false."
                 ) from exn
+        adapter = getattr(self, "_adapter", None)
+        if uses and self.check_tokenizer and adapter is not None:
+            check_codes_tokenizer(self.shards[split], adapter, split)
         self.split_uses_codes[split] = uses
         return uses
 

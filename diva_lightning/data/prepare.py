@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.backbones.base import BackboneAdapter, tokenizer_identity
 from diva_lightning.data.decode import SkipSample, decode_rgb, load_pixels
 from diva_lightning.data.shapes import ShapesWorld
 from diva_lightning.data.shapes_v2 import ShapesWorldV2
@@ -255,6 +255,7 @@ def _summary(out, source, writer, skips: SkipCounter, backbone, image_format, ma
             "image_size": backbone.image_size,
             "image_grid": list(backbone.image_grid),
             "codebook_size": backbone.codebook_size,
+            "tokenizer": tokenizer_identity(getattr(backbone, "vq", backbone)),
         }
     skips.merge(skips.drain())
     examples = {

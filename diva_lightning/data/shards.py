@@ -18,6 +18,7 @@ pattern before any training step (``check_shard_count``):
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 import braceexpand
 import webdataset as wds
 
+from diva_lightning.backbones.base import tokenizer_identity
 from diva_lightning.data.skips import SkipCounter, TarErrorHandler
 
 log = logging.getLogger(__name__)
@@ -138,3 +140,28 @@ def probe_first_sample(url: str) -> dict | None:
         return next(iter(samples), None)
     finally:
         samples.close()
+
+
+def check_codes_tokenizer(shards: Sequence[str], adapter, split: str) -> None:
+    """Refuse codes written by another image tokenizer than ``adapter``'s: the
+    ``summary.json`` beside each local shard folder records the tokenizer's class and weight
+    hash (``diva-cli prepare``). Folders without that record are reported, not refused."""
+    folders = sorted({os.path.dirname(s) for s in shards if not _is_remote(s)})
+    own = None
+    for folder in folders:
+        summary = Path(folder) / "summary.json"
+        try:
+            recorded = json.loads(summary.read_text())["codes"]["tokenizer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s_shards: %s records no image tokenizer; the codes are not checked "
+                        "against %s's", split, summary, type(adapter).__name__)  # fmt: skip
+            continue
+        own = own or tokenizer_identity(adapter.vq)
+        if recorded != own:
+            raise ValueError(
+                f"{split}_shards: {summary} says the codes were written by the image tokenizer "
+                f"{recorded.get('class')} (weights {str(recorded.get('sha256'))[:12]}), but the "
+                f"backbone {type(adapter).__name__} has {own['class']} (weights "
+                f"{own['sha256'][:12]}). Re-run `diva-cli prepare` with this backbone, or set "
+                "data check_tokenizer: false to use them anyway."
+            )
