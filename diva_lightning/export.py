@@ -7,6 +7,7 @@ evaluated with the usual tools; a stage-1 checkpoint also writes its factor enco
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,15 +24,42 @@ def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def read_checkpoint(checkpoint: Path) -> dict:
+    """A Lightning checkpoint: a ``.ckpt`` file, or a DeepSpeed checkpoint directory (consolidated
+    to one fp32 state dict with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``, in a
+    temporary file)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        return torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not (checkpoint / "latest").is_file() and not (checkpoint / "checkpoint").is_dir():
+        raise ValueError(
+            f"checkpoint {checkpoint} is a directory but not a DeepSpeed checkpoint (no 'latest' "
+            "file, no 'checkpoint/' folder): give a Lightning .ckpt file or the DeepSpeed "
+            "checkpoint directory Lightning wrote"
+        )
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as scratch:
+        single = Path(scratch) / "consolidated.ckpt"
+        try:
+            convert_zero_checkpoint_to_fp32_state_dict(checkpoint, single)
+        except (ModuleNotFoundError, ImportError) as error:
+            raise ValueError(
+                f"checkpoint {checkpoint} is a DeepSpeed directory; consolidating it needs "
+                f"deepspeed installed ({error})"
+            ) from error
+        return torch.load(single, map_location="cpu", weights_only=False)
+
+
 def load_trained_model(run_config: Path, checkpoint: Path, use_ema: bool = True):
     """Rebuild a run's stage module from its config and load a checkpoint (EMA by default)."""
     from diva_lightning.lightning_cli import build_cli
 
+    ckpt = read_checkpoint(checkpoint)  # first: a wrong checkpoint fails before any building
     config = yaml.safe_load(Path(run_config).read_text())
     for key in ("ckpt_path", "weights_only"):  # `fit` subcommand arguments, not the model's
         config.pop(key, None)
     model = build_cli(config, run=False).model
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     state = ckpt.get("state_dict", ckpt)
     if use_ema and (ema := ema_weights(ckpt)) is not None:
         state = {**state, **{k: v.to(state[k].dtype) for k, v in ema.items() if k in state}}
@@ -50,8 +78,8 @@ def export(*, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = Tru
 
     Args:
         run_config: the run's config YAML (``runs/.../config.yaml``, saved by ``diva-cli fit``).
-        checkpoint: a Lightning ``.ckpt`` of that run (single file; for a DeepSpeed directory run
-            ``convert_zero_checkpoint_to_fp32_state_dict`` first).
+        checkpoint: a Lightning ``.ckpt`` of that run, or its DeepSpeed checkpoint directory
+            (consolidated on the fly).
         out: directory to write (``save_pretrained`` of the backbone).
         use_ema: load the EMA weights stored in the checkpoint when there are any.
     """

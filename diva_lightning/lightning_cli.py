@@ -33,6 +33,25 @@ class DivaCLI(LightningCLI):
             }
         )
 
+    def after_fit(self) -> None:
+        """Save the final weights as ``last.ckpt`` beside each checkpoint callback's others
+        (unless it sets ``save_last: false``). Lightning's default callback keeps only the
+        checkpoint of the last validation, and ``save_last`` skips the end of training once a
+        last checkpoint was written earlier, so a run ending between two saves lost its last
+        steps."""
+        trainer = self.trainer
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last is False or callback.dirpath is None:
+                continue
+            if getattr(callback, "_last_global_step_saved", -1) == trainer.global_step and (
+                Path(callback.last_model_path or "").name == "last.ckpt"
+            ):
+                continue  # this very step is already saved as last.ckpt
+            path = (
+                Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            )
+            trainer.save_checkpoint(path)
+
     def _parse_ckpt_path(self) -> None:
         """Refuse a checkpoint of another stage before LightningCLI adopts its class.
 

@@ -432,3 +432,35 @@ def test_codes_of_another_tokenizer_are_refused_even_with_the_same_codebook_size
     with pytest.raises(ValueError, match=r"(?s)summary\.json.*tokenizer.*check_tokenizer"):
         bind(other)
     bind(other, check_tokenizer=False)  # a deliberate choice (e.g. DIVA-mini's patch tokenizer)
+
+
+def test_a_fit_through_the_cli_saves_its_final_weights_as_last_ckpt(tmp_path):
+    """Item 13: the run's last step is saved (the tiny configs used to keep only step 4)."""
+    import torch
+
+    from diva_lightning.cli import main
+
+    prepare(str(tmp_path / "train"), synthetic=32, max_count=16, quiet=True)
+    prepare(str(tmp_path / "val"), synthetic=8, max_count=8, seed=1, quiet=True)
+    out = tmp_path / "run"
+    main([
+        "fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
+        "--config", "configs/tiny/sft.yaml",
+        f"--data.init_args.train_shards={tmp_path / 'train'}",
+        f"--data.init_args.val_shards={tmp_path / 'val'}",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+        "--trainer.max_steps=5", "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    (last,) = out.rglob("last.ckpt")
+    assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == 5
+
+
+def test_export_of_a_directory_that_is_no_deepspeed_checkpoint_says_what_to_do(tmp_path):
+    from diva_lightning.export import export
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"(?s)last\.ckpt.*DeepSpeed"):
+        export(run_config=tmp_path / "config.yaml", checkpoint=folder, out=tmp_path / "out")
