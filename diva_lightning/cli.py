@@ -11,6 +11,7 @@ Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
 
 from __future__ import annotations
 
+import os
 import sys
 
 from diva_lightning.lightning_cli import DivaCLI, build_cli
@@ -37,13 +38,37 @@ def _run_tool(name: str, args: list[str]) -> None:
         auto_cli(export, args=args)
 
 
+# The user's errors: a refused setting, a missing or existing file. Anything else (a bug, a
+# failing kernel) keeps its full traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def user_error(error: BaseException) -> BaseException:
+    """The error the user caused: the innermost ``__cause__`` (jsonargparse re-raises a
+    constructor's error inside its own union message)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point; ``args`` as on the command line (default: ``sys.argv[1:]``)."""
+    """Entry point; ``args`` as on the command line (default: ``sys.argv[1:]``). A refused
+    setting ends the run with its message as the last line printed (exit code 1); set
+    ``DIVA_TRACEBACK=1`` for the full traceback."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in TOOLS:
-        _run_tool(argv[0], argv[1:])
-        return
-    build_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        if argv and argv[0] in TOOLS:
+            _run_tool(argv[0], argv[1:])
+            return
+        build_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    except USER_ERRORS as error:
+        if os.environ.get("DIVA_TRACEBACK"):
+            raise
+        root = user_error(error)
+        command = " ".join(argv[:1]) or "fit"
+        print(f"diva-cli {command} stopped (full traceback: DIVA_TRACEBACK=1):", file=sys.stderr)
+        print(f"{type(root).__name__}: {root}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ importing the entry point that imports it.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,15 @@ class DivaCLI(LightningCLI):
                 }
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Check the accelerator and the device count against this machine before anything is
+        built (Lightning would check only after the backbone is built, or after starting one
+        process per asked device)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        trainer = config.get("trainer") or {}
+        check_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
 
     def after_fit(self) -> None:
         """Save the final weights as ``last.ckpt`` beside each checkpoint callback's others
@@ -74,6 +84,31 @@ class DivaCLI(LightningCLI):
                     "stage's checkpoint (stage 2 starts from stage 1 through stage1_encoders)"
                 )
         super()._parse_ckpt_path()
+
+
+def check_devices(accelerator, devices) -> None:
+    """Refuse an accelerator this machine lacks, or more devices than it has, naming what
+    exists. Only plain names and counts are checked (an Accelerator object, "auto" and device
+    lists are left to Lightning)."""
+    if not isinstance(accelerator, str):
+        return
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cores = os.cpu_count() or 1
+    here = f"this machine has {cuda} CUDA device(s) and {cores} CPU core(s)"
+    if accelerator in ("gpu", "cuda") and cuda == 0:
+        raise ValueError(
+            f"trainer.accelerator={accelerator}, but no CUDA device is available ({here}; torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}): use accelerator: cpu"
+        )
+    kind = accelerator if accelerator != "auto" else ("gpu" if cuda else "cpu")
+    count = int(devices) if isinstance(devices, int) or str(devices).isdigit() else None
+    available = cuda if kind in ("gpu", "cuda") else cores if kind == "cpu" else None
+    if count is not None and available is not None and count > available:
+        unit = "CUDA device(s)" if kind in ("gpu", "cuda") else "CPU core(s) (one process each)"
+        raise ValueError(
+            f"trainer.devices={count} on accelerator {kind}, but {here}: ask for at most "
+            f"{available} {unit}"
+        )
 
 
 def build_cli(args: list[str] | dict | None = None, run: bool = True) -> DivaCLI:

@@ -464,3 +464,33 @@ def test_export_of_a_directory_that_is_no_deepspeed_checkpoint_says_what_to_do(t
     folder.mkdir()
     with pytest.raises(ValueError, match=r"(?s)last\.ckpt.*DeepSpeed"):
         export(run_config=tmp_path / "config.yaml", checkpoint=folder, out=tmp_path / "out")
+
+
+TINY_FIT = ["fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
+            "--config", "configs/tiny/stage1.yaml"]  # fmt: skip
+
+
+def test_a_constructor_error_is_the_last_thing_printed_in_one_block(capsys, monkeypatch):
+    """Item 18: not line 25 of a double traceback ending in jsonargparse's union message."""
+    from diva_lightning.cli import main
+
+    monkeypatch.delenv("DIVA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY_FIT, "--model.init_args.middle_layers=[3, 20]"])
+    assert stop.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "middle_layers 3..20 is outside the backbone's blocks 1..8" in lines[-1]
+    assert len(lines) <= 3 and not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.parametrize("ask", [["--trainer.accelerator=gpu"], ["--trainer.devices=64"]])
+def test_devices_that_do_not_exist_are_refused_before_the_backbone_is_built(ask, monkeypatch):
+    """Item 17: say what exists, before any model is built or process started."""
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+    from diva_lightning.cli import build_cli
+
+    built = []
+    monkeypatch.setattr(Emu3Adapter, "__init__", lambda self, *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=r"(?s)trainer\.(accelerator|devices).*(CUDA|core)"):
+        build_cli([*TINY_FIT[1:], *ask], run=False)
+    assert not built
