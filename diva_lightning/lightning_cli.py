@@ -7,20 +7,38 @@ importing the entry point that imports it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from diva_lightning.stages.base import DualFlowModule
 
+TOOLS_HELP = """DIVA post-training of unified multimodal models.
+
+Trainer subcommands: fit, validate (below). Tools, each with its own --help:
+  diva-cli prepare   image folders, JSONL/CSV pairs or the shapes world -> WebDataset shards
+  diva-cli analyze   per-layer divergence curves of a backbone (paper Sec. 2, Fig. 2)
+  diva-cli export    a trained run's backbone (EMA weights) -> save_pretrained folder"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's line breaks kept (the list of tools)."""
+
 
 class DivaCLI(LightningCLI):
-    """LightningCLI with the stages as subclasses of ``DualFlowModule``."""
+    """LightningCLI with the stages as subclasses of ``DualFlowModule``; subcommands ``fit`` and
+    ``validate`` (the stages define no test or predict step)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -123,6 +141,7 @@ def build_cli(args: list[str] | dict | None = None, run: bool = True) -> DivaCLI
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": TOOLS_HELP, "formatter_class": HelpFormatter},
         args=args,
         run=run,
     )

@@ -494,3 +494,45 @@ def test_devices_that_do_not_exist_are_refused_before_the_backbone_is_built(ask,
     with pytest.raises(ValueError, match=r"(?s)trainer\.(accelerator|devices).*(CUDA|core)"):
         build_cli([*TINY_FIT[1:], *ask], run=False)
     assert not built
+
+
+def test_the_help_lists_the_tools_and_offers_only_working_subcommands(capsys):
+    """Item 19: prepare, analyze and export are discoverable; `test` is not offered."""
+    from diva_lightning.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"diva-cli {tool}" in out for tool in ("prepare", "analyze", "export"))
+    assert "{fit,validate}" in out
+    with pytest.raises(SystemExit):
+        main(["test"])
+    assert "invalid choice: 'test'" in capsys.readouterr().err
+
+
+USER_CLASSES = [
+    "diva_lightning.stages.Stage1", "diva_lightning.stages.Stage2",
+    "diva_lightning.stages.sft.SFT", "diva_lightning.data.DualFlowDataModule",
+    "diva_lightning.stages.ema.EMA", "diva_lightning.stages.balance.GradientBalance", *ADAPTERS,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("class_path", USER_CLASSES)
+def test_every_argument_has_its_own_description(class_path):
+    """Item 19: `--help` shows a description per argument, none merged into another's."""
+    import importlib
+    import inspect
+
+    import docstring_parser
+
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    docs = {}
+    for klass in cls.__mro__:
+        for text in (klass.__doc__, getattr(klass.__init__, "__doc__", None)):
+            for param in docstring_parser.parse(text or "").params:
+                docs.setdefault(param.arg_name, param.description)
+    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+    assert [n for n in names if not docs.get(n)] == []
+    merged = [n for n, text in docs.items() if any(f" {m}:" in f" {text}" for m in names if m != n)]
+    assert merged == []

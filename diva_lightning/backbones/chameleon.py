@@ -91,6 +91,8 @@ class ChameleonAdapter(BackboneAdapter):
         mask_token: reserved token put at masked image positions in the generation flow;
             ``None`` takes the one saved with the checkpoint, else ``<reserved08999>``.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+        max_caption_tokens: longest caption in tokens; longer ones are cut and counted
+            (default: what the position embeddings leave beside the image and the prompt).
     """
 
     def __init__(

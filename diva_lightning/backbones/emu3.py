@@ -81,6 +81,8 @@ class Emu3Adapter(BackboneAdapter):
             ``image_size`` (pixels, default 32).
         mask_token: reserved token put at masked image positions in the generation flow.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+        max_caption_tokens: longest caption in tokens; longer ones are cut and counted
+            (default: what the position embeddings leave beside the image and the prompt).
     """
 
     def __init__(

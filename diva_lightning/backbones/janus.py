@@ -114,6 +114,8 @@ class JanusAdapter(BackboneAdapter):
         config_overrides: for the tiny config: ``text_config`` / ``vision_config`` /
             ``vq_config`` dicts merged into the defaults, other keys passed to ``JanusConfig``.
         torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
+        max_caption_tokens: longest caption in tokens; longer ones are cut and counted
+            (default: what the position embeddings leave beside the image and the prompt).
     """
 
     def __init__(

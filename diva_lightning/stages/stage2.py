@@ -48,20 +48,23 @@ class Stage2(DualFlowModule):
     """Stage 2 (see module docstring). Base arguments are documented on ``DualFlowModule``.
 
     Args:
-        stage1_encoders: stage-1 encoders directory (``<stage-1 log dir>/factor_encoders``) or a
+        stage1_encoders: the stage-1 run's encoders: its ``export_dir`` (the shipped configs:
+            ``runs/<name>/stage1_encoders``; default ``<stage-1 log dir>/factor_encoders``) or a
             stage-1 ``.ckpt``. Required.
         trainable_layers: inclusive block range to fine-tune (default: ``middle_layers``).
         tau: InfoNCE temperature (authors' code: 0.07).
         stop_gradient: stop-gradient on InfoNCE targets (False: the "w/o sg" ablation; needs
             ``targets: online``).
         gather_negatives: add the other ranks' shared targets as negatives.
-        lambda_sha: final weight of the two InfoNCE terms. lambda_uni: final weight of L_uni
-            (0 disables the unique term: the "w/o I_uni" ablation).
+        lambda_sha: final weight of the two InfoNCE terms.
+        lambda_uni: final weight of L_uni (0 disables the unique term: the "w/o I_uni"
+            ablation).
         ramp_steps: optimizer steps over which both lambdas ramp up from 0.
         unique_estimator: ``nce_club`` (paper) or ``gaussian_club`` (authors' code).
         unique_pairs: ``cross_flow`` (paper: z_uni^U vs z_uni^G) or ``shared_unique``
             (authors' code: z_sh^i vs z_uni^i of each flow).
-        critic_lr: learning rate of the critic's parameter group. critic_hidden: critic width.
+        critic_lr: learning rate of the critic's parameter group.
+        critic_hidden: hidden width of the NCE-CLUB critic.
         train_encoders: also fine-tune the stage-1 encoders (authors' code; paper: frozen).
         targets: ``ema`` (paper App. B.2: the EMA teacher gives ``sg[z_sh]``; needs the ``EMA``
             callback) or ``online`` (the online factors, detached).
@@ -70,8 +73,9 @@ class Stage2(DualFlowModule):
         gen_pooling: ``all`` or ``unmasked``; default: what the stage-1 encoders were trained with.
         balance: ``none`` (paper) or ``cap``: scale the DIVA terms (alignment + L_uni) so that
             their gradient on the trainable blocks is at most ``balance_cap`` x the native one.
-        balance_cap: the cap. balance_every: optimizer steps between two measurements of the
-            gradient ratio (two extra backward passes each); the scale is kept in between.
+        balance_cap: the cap.
+        balance_every: optimizer steps between two measurements of the gradient ratio (two
+            extra backward passes each); the scale is kept in between.
         allow_encoder_transfer: use stage-1 encoders whose ``factors.json`` records another
             backbone class, layer count or middle range (refused by default).
     """

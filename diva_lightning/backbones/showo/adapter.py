@@ -56,14 +56,17 @@ class ShowoAdapter(BackboneAdapter):
         pretrained_path: local checkpoint directory laid out as described in
             ``diva_lightning.backbones.showo.checkpoint`` (``showo/``, ``magvitv2/``, ``phi/``).
             ``None`` builds a random model of ``preset``.
-        config_overrides: merged into the preset: ``phi`` (PhiConfig kwargs), ``magvit``
-            (``encoder`` / ``decoder`` / ``codebook_dim``), ``image_size``, ``max_text_len``.
+        config_overrides: merged into the chosen preset's settings; keys ``phi`` (PhiConfig
+            kwargs), ``magvit`` (``encoder`` / ``decoder`` / ``codebook_dim``), ``image_size``,
+            ``max_text_len``.
         preset: ``tiny`` (default, random), ``showo-256`` or ``showo-512``. With a checkpoint
             the preset only supplies what the folder lacks; ``tiny`` there means "infer from the
             number of image tokens".
         torch_dtype: dtype of the LLM (``float32``, ``bfloat16``, ``float16``); the VQ stays fp32.
         prompt_template: format of the understanding prompt (``{prompt}`` is replaced); default
             the saved one, else the official ``"USER: \\n{prompt} ASSISTANT:"``.
+        max_caption_tokens: longest caption in tokens, at most the ``max_text_len`` slots less
+            BOS and EOS (the default); longer ones are cut and counted.
     """
 
     def __init__(
