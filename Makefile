@@ -43,7 +43,7 @@ demo: ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shar
 	$(DIVA) fit $(TINY) --config configs/tiny/stage1.yaml
 	$(DIVA) fit $(TINY) --config configs/tiny/stage2.yaml
 	@echo "logs (TensorBoard): runs/tiny  ->  $(VENV)/bin/tensorboard --logdir runs/tiny"
-	@echo "stage-1 encoders:   runs/tiny/stage1_encoders"
+	@echo "stage-1 encoders:   runs/tiny/stage1/factor_encoders"
 	@echo "checkpoints:        runs/tiny/stage1/checkpoints, runs/tiny/stage2/checkpoints"
 
 bench: bench-stages bench-data ## every benchmark

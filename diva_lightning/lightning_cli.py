@@ -8,7 +8,9 @@ importing the entry point that imports it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from diva_lightning.stages.base import DualFlowModule
+from diva_lightning.stages.progress import step_progress_bar
 
 TOOLS_HELP = """DIVA post-training of unified multimodal models.
 
@@ -26,6 +29,16 @@ Trainer subcommands: fit, validate (below). Tools, each with its own --help:
   diva-cli prepare   image folders, JSONL/CSV pairs or the shapes world -> WebDataset shards
   diva-cli analyze   per-layer divergence curves of a backbone (paper Sec. 2, Fig. 2)
   diva-cli export    a trained run's backbone (EMA weights) -> save_pretrained folder"""
+
+
+class NoProductTips(logging.Filter):
+    """Drop Lightning's advertisements ("Tip: ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoProductTips())
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -60,6 +73,18 @@ class DivaCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         trainer = config.get("trainer") or {}
         check_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+        if subcommand == "fit" and not config.get("ckpt_path"):  # a resumed run continues
+            fresh_log_version(config)
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's trainer, with its default progress bar swapped for the step-based one
+        (``stages/progress.py``); a bar the user configured is kept."""
+        trainer = super().instantiate_trainer(**kwargs)
+        default = trainer.progress_bar_callback
+        replacement = step_progress_bar(default)
+        if replacement is not None:
+            trainer.callbacks[trainer.callbacks.index(default)] = replacement
+        return trainer
 
     def after_fit(self) -> None:
         """Save the final weights as ``last.ckpt`` beside each checkpoint callback's others
@@ -102,6 +127,36 @@ class DivaCLI(LightningCLI):
                     "stage's checkpoint (stage 2 starts from stage 1 through stage1_encoders)"
                 )
         super()._parse_ckpt_path()
+
+
+VERSION_ENV = "DIVA_LOG_VERSION"  # rank 0's choice, inherited by the processes it launches
+
+
+def fresh_log_version(config) -> None:
+    """A new run never writes into an earlier run's folder: when the logger's fixed ``version``
+    folder already holds files, the run takes ``<version>-1`` (then ``-2``, ...) and says so.
+    Ranks that rank 0 launches (``LOCAL_RANK`` > 0) take its choice from ``DIVA_LOG_VERSION``,
+    since by then rank 0 has created the folder."""
+    try:
+        args = config["trainer.logger.init_args"]
+    except (KeyError, TypeError):
+        return
+    version, save_dir = args.get("version"), args.get("save_dir")
+    if version is None or save_dir is None:
+        return  # Lightning numbers version_0, version_1, ... itself
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(VERSION_ENV):
+        args["version"] = os.environ[VERSION_ENV]  # a launched rank: rank 0 chose already
+        return
+    base = Path(save_dir) / (args.get("name") or "")
+    chosen, n = str(version), 0
+    while (base / chosen).is_dir() and any((base / chosen).iterdir()):
+        n += 1
+        chosen = f"{version}-{n}"
+    if n:
+        print(f"{base / str(version)} holds an earlier run: this run writes to {base / chosen}",
+              file=sys.stderr)  # fmt: skip
+    args["version"] = chosen
+    os.environ[VERSION_ENV] = chosen
 
 
 def check_devices(accelerator, devices) -> None:

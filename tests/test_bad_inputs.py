@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -536,3 +537,71 @@ def test_every_argument_has_its_own_description(class_path):
     assert [n for n in names if not docs.get(n)] == []
     merged = [n for n, text in docs.items() if any(f" {m}:" in f" {text}" for m in names if m != n)]
     assert merged == []
+
+
+def _tiny_fit(tmp_path, out, stage="sft", *extra):
+    from diva_lightning.cli import main
+
+    if not (tmp_path / "train").exists():
+        prepare(str(tmp_path / "train"), synthetic=32, max_count=16, quiet=True)
+        prepare(str(tmp_path / "val"), synthetic=8, max_count=8, seed=1, quiet=True)
+    main([
+        "fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
+        "--config", f"configs/tiny/{stage}.yaml",
+        f"--data.init_args.train_shards={tmp_path / 'train'}",
+        f"--data.init_args.val_shards={tmp_path / 'val'}",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={out}", *extra,
+    ])  # fmt: skip
+
+
+def test_a_rerun_gets_a_new_version_folder_and_relative_outputs_stay_inside_it(
+    tmp_path, monkeypatch
+):  # fmt: skip
+    """Items 14 and 20: nothing of the first run is overlaid; a relative export_dir lands in
+    the run's own log dir, never in the working directory."""
+    out = tmp_path / "runs"
+    _tiny_fit(tmp_path, out)
+    first = sorted(p.name for p in (out / "tiny" / "sft").iterdir())
+    _tiny_fit(tmp_path, out)
+    assert sorted(p.name for p in (out / "tiny" / "sft").iterdir()) == first
+    assert (out / "tiny" / "sft-1" / "config.yaml").is_file()
+    monkeypatch.chdir(tmp_path)  # configs by absolute path: the working directory is elsewhere
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("trainer", "data", "stage1"):
+        (tmp_path / "configs" / "tiny").mkdir(parents=True, exist_ok=True)
+        target = tmp_path / "configs" / "tiny" / f"{name}.yaml"
+        target.write_text((repo / "configs" / "tiny" / f"{name}.yaml").read_text())
+    _tiny_fit(tmp_path, out, "stage1", "--model.init_args.export_dir=encoders",
+              "--model.init_args.shared_only_steps=1")  # fmt: skip
+    assert (out / "tiny" / "stage1" / "encoders" / "factors.json").is_file()
+    assert not (tmp_path / "encoders").exists()
+
+
+def test_the_progress_bar_shows_the_loss_and_no_product_tips(tmp_path, caplog):
+    """Item 20: no "Epoch 0/-2 ... v_num: age1", the loss instead; no third-party tips."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from diva_lightning.cli import build_cli
+    from diva_lightning.stages.progress import StepRichProgressBar, StepTQDMProgressBar
+
+    with caplog.at_level("INFO"):
+        rank_zero_info("💡 Tip: For seamless cloud uploads, try installing something")
+        rank_zero_info("a message of the run")
+    assert "Tip" not in caplog.text and "a message of the run" in caplog.text
+    prepare(str(tmp_path / "train"), synthetic=32, max_count=16, quiet=True)
+    cli = build_cli([
+        *TINY_FIT[1:5], "--config", "configs/tiny/sft.yaml",
+        f"--data.init_args.train_shards={tmp_path / 'train'}",
+        f"--data.init_args.val_shards={tmp_path / 'train'}", "--data.init_args.num_workers=0",
+        "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ], run=False)  # fmt: skip
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepRichProgressBar | StepTQDMProgressBar)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = bar.get_metrics(cli.trainer, cli.model)
+    assert "v_num" not in metrics and "train/loss" in metrics
+    if isinstance(bar, StepRichProgressBar):
+        assert bar._get_train_description(0) == "Epoch 0"

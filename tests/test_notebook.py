@@ -24,10 +24,25 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("DIVA_SAMPLES", "16")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    root = NOTEBOOK.parents[1]
+    started = NOTEBOOK.parent  # opened from notebooks/ (#18 item 20): it finds the repository
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(started)}}
     ).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "mean distance same sample U-G" in outputs
     assert "suggested middle layers" in outputs
+
+
+def test_the_notebook_picks_the_newest_checkpoint_by_step_not_by_name(tmp_path):
+    """#18 item 20: "epoch=0-step=9.ckpt" sorts after "epoch=0-step=10.ckpt" by name."""
+    import torch
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c.source for c in nb.cells if "def newest_checkpoint" in c.source)
+    definition = cell[cell.index("def newest_checkpoint") : cell.index("RUN = ensure_run")]
+    scope = {"Path": Path, "torch": torch}
+    exec(definition, scope)
+    (tmp_path / "checkpoints").mkdir()
+    for step in (9, 10):
+        torch.save({"global_step": step}, tmp_path / "checkpoints" / f"epoch=0-step={step}.ckpt")
+    assert scope["newest_checkpoint"](tmp_path).name == "epoch=0-step=10.ckpt"

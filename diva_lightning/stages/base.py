@@ -230,7 +230,8 @@ class DualFlowModule(L.LightningModule):
     def log_terms(self, prefix: str, terms: dict[str, Tensor | float], batch_size: int) -> None:
         for name, value in terms.items():
             value = value.detach() if isinstance(value, Tensor) else value
-            self.log(f"{prefix}/{name}", value, batch_size=batch_size, sync_dist=prefix == "val")
+            self.log(f"{prefix}/{name}", value, batch_size=batch_size, sync_dist=prefix == "val",
+                     prog_bar=name == "loss")  # fmt: skip
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()

@@ -42,7 +42,9 @@ class Stage1(DualFlowModule):
         perp_reduction: ``mean`` (default) or ``sum`` over the cross-correlation entries of
             Eq. 9 (see ``objectives/regularizers.py``).
         shared_only_steps: optimizer steps of shared-only injection before unique injection.
-        export_dir: where to write the encoders at the end of fit (default ``<log_dir>/factor_encoders``).
+        export_dir: where to write the encoders at the end of fit (default
+            ``<log_dir>/factor_encoders``); a relative path is taken inside the run's log dir,
+            so that runs never write into each other's folders.
         projector: ``per_flow`` (four encoders) or ``shared`` (Eq. 5 read literally: one ``phi``
             per kind for both flows, per-flow gates).
         lambda_sha: weight of the stage-1 alignment (authors' code; paper and default: 0).
@@ -166,6 +168,7 @@ class Stage1(DualFlowModule):
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        target = self.export_dir or str(Path(self.trainer.log_dir or ".") / "factor_encoders")
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        target = str(log_dir / (self.export_dir or "factor_encoders"))  # absolute stays absolute
         save_factor_encoders(target, self.encoders, self.factor_config(), self.injection)
         print(f"stage-1 encoders written to {target}")

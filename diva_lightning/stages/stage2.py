@@ -48,9 +48,9 @@ class Stage2(DualFlowModule):
     """Stage 2 (see module docstring). Base arguments are documented on ``DualFlowModule``.
 
     Args:
-        stage1_encoders: the stage-1 run's encoders: its ``export_dir`` (the shipped configs:
-            ``runs/<name>/stage1_encoders``; default ``<stage-1 log dir>/factor_encoders``) or a
-            stage-1 ``.ckpt``. Required.
+        stage1_encoders: the stage-1 run's encoders, ``<stage-1 log dir>/factor_encoders`` (the
+            shipped configs: ``runs/<name>/stage1/factor_encoders``), or a stage-1 ``.ckpt``.
+            Required.
         trainable_layers: inclusive block range to fine-tune (default: ``middle_layers``).
         tau: InfoNCE temperature (authors' code: 0.07).
         stop_gradient: stop-gradient on InfoNCE targets (False: the "w/o sg" ablation; needs
