@@ -30,7 +30,6 @@ logits (Eq. 8), so an adapter must never return logits it does not also score.
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,18 +176,6 @@ def pool_image_states(
         return image_states.mean(1)
     weights = pool_mask.to(image_states.dtype).unsqueeze(-1)  # (B, N, 1)
     return (image_states * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
-def tokenizer_identity(vq: nn.Module) -> dict[str, str]:
-    """The image tokenizer's class and a SHA-256 of its weights and buffers (every tensor, in
-    name order): two tokenizers with the same codebook size but other weights give other codes
-    for the same image, so shards record this and the data module checks it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vq.state_dict().items()):
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(data.numpy().tobytes())
-    return {"class": f"{type(vq).__module__}.{type(vq).__qualname__}", "sha256": digest.hexdigest()}
 
 
 class LayerCapture:

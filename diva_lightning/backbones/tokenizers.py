@@ -1,4 +1,5 @@
-"""A tiny word-level tokenizer for random tiny backbones (tests, the embedded default).
+"""Tokenizer helpers: a tiny word-level tokenizer for random tiny backbones (tests, the embedded
+default), and ``tokenizer_identity`` of an image tokenizer (recorded with pre-tokenised shards).
 
 Real checkpoints bring their own tokenizer from the local checkpoint directory; tiny configs
 have no pretrained vocabulary, so they use this one. It covers the caption prompts and the
@@ -7,7 +8,11 @@ synthetic shapes world; any other word maps to ``<unk>`` (never an error).
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -45,3 +50,15 @@ def build_word_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTok
     if extra_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
     return tokenizer
+
+
+def tokenizer_identity(vq: nn.Module) -> dict[str, str]:
+    """The image tokenizer's class and a SHA-256 of its weights and buffers (every tensor, in
+    name order): two tokenizers with the same codebook size but other weights give other codes
+    for the same image, so shards record this and the data module checks it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vq.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.numpy().tobytes())
+    return {"class": f"{type(vq).__module__}.{type(vq).__qualname__}", "sha256": digest.hexdigest()}

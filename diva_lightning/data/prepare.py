@@ -32,7 +32,8 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from diva_lightning.backbones.base import BackboneAdapter, tokenizer_identity
+from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.backbones.tokenizers import tokenizer_identity
 from diva_lightning.data.decode import SkipSample, decode_rgb, load_pixels
 from diva_lightning.data.shapes import ShapesWorld
 from diva_lightning.data.shapes_v2 import ShapesWorldV2

@@ -27,7 +27,7 @@ from pathlib import Path
 import braceexpand
 import webdataset as wds
 
-from diva_lightning.backbones.base import tokenizer_identity
+from diva_lightning.backbones.tokenizers import tokenizer_identity
 from diva_lightning.data.skips import SkipCounter, TarErrorHandler
 
 log = logging.getLogger(__name__)
