@@ -22,6 +22,7 @@ def test_notebook_is_stored_without_outputs():
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("DIVA_RUN", str(tmp_path / "runs" / "nb" / "stage1"))
     monkeypatch.setenv("DIVA_SAMPLES", "16")
+    monkeypatch.setenv("DIVA_DATA", str(tmp_path / "shapes"))  # tests write only under tmp
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     started = NOTEBOOK.parent  # opened from notebooks/ (#18 item 20): it finds the repository
