@@ -91,6 +91,14 @@ def test_deepspeed_fit_save_and_resume_on_cpu(zero_stage, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     ckpts = list(tmp_path.rglob("*.ckpt"))
     assert ckpts, "no DeepSpeed checkpoint directory written"
+    # #18 item 13: export reads the ZeRO checkpoint directory itself (consolidated on the fly)
+    config = next(tmp_path.rglob("config.yaml"))
+    exported = _diva_cli("export", "--run_config", str(config), "--checkpoint", str(ckpts[0]),
+                         "--out", str(tmp_path / "exported"))  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from diva_lightning.backbones.emu3 import Emu3Adapter
+
+    Emu3Adapter.from_pretrained(tmp_path / "exported")
     resumed = _diva_cli(*base, "--trainer.max_steps=4", f"--ckpt_path={ckpts[0]}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the resumed run went on from step 2 to step 4 and wrote its own ZeRO checkpoint there
