@@ -60,6 +60,7 @@ def test_random_image_bytes_decode_or_are_skipped(data):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @fuzz(SLOW_CASES)
 @given(image_bytes())
 def test_random_image_bytes_decode_or_are_skipped_many(data):
@@ -111,6 +112,7 @@ def test_random_json_lines_are_written_or_counted(lines):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @fuzz(SLOW_CASES)
 @given(st.lists(jsonl_line(), min_size=1, max_size=6))
 def test_random_json_lines_are_written_or_counted_many(lines):
@@ -146,7 +148,8 @@ def check_tar(members) -> None:
         shard = Path(root) / "fuzz.tar"
         groups = write_members(shard, members)
         dm = DualFlowDataModule(str(shard), str(shard), image_size=8, image_grid=(2, 2),
-                                batch_size=2, max_skip_fraction=1.0, min_image_side=1)  # fmt: skip
+                                batch_size=2, max_skip_fraction=1.0, min_image_side=1,
+                                num_workers=0)  # fmt: skip
         dm.setup("fit")
         keys = [k for batch in dm.make_loader("val", 0, 1) for k in batch.keys]
         counter = dm.skips["val"]
@@ -162,6 +165,7 @@ def test_random_tar_members_come_out_or_are_counted(members):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @fuzz(SLOW_CASES)
 @given(st.lists(MEMBER, max_size=8))
 def test_random_tar_members_come_out_or_are_counted_many(members):
