@@ -169,8 +169,7 @@ def v2() -> MiniConfig:
     return replace(
         MiniConfig(), mode="v2", world="v2", seeds=(0, 1, 2, 3, 4), arms=V2_HEADLINE,
         train_samples=32768, val_samples=512, eval_samples=256, codebook_size=1024,
-        max_text_len=64, hidden_size=96, num_heads=3, pretrain_steps=5000, pretrain_lr=1.5e-3,
-        qa_weight=1.0,
+        max_text_len=64, pretrain_steps=4000, pretrain_lr=1.5e-3, qa_weight=1.0,
         batch_size=batch, post_samples=post_samples, post_steps=steps, post_lr=1.5e-3 / 20,
         post_warmup=round(0.07 * steps), val_every=steps // 4, val_batches=4, stage1_steps=150,
         shared_only_steps=50, targets="ema", ema=True, balance_every=steps // 4,
