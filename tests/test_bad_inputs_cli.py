@@ -235,15 +235,17 @@ def _tiny_fit(tmp_path, out, stage="sft", *extra):
 
 def test_the_progress_bar_shows_the_loss_and_no_product_tips(tmp_path, caplog):
     """Item 20: no "Epoch 0/-2 ... v_num: age1", the loss instead; no third-party tips."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+    import logging
 
     from diva_lightning.cli import build_cli
+    from diva_lightning.lightning_cli import NoProductTips
     from diva_lightning.stages.progress import StepRichProgressBar, StepTQDMProgressBar
 
-    with caplog.at_level("INFO"):
-        rank_zero_info("💡 Tip: For seamless cloud uploads, try installing something")
-        rank_zero_info("a message of the run")
-    assert "Tip" not in caplog.text and "a message of the run" in caplog.text
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero").filters
+    assert any(isinstance(f, NoProductTips) for f in tips)
+    record = lambda msg: logging.LogRecord("x", logging.INFO, "", 0, msg, None, None)  # noqa: E731
+    assert not NoProductTips().filter(record("💡 Tip: For seamless cloud uploads, try this"))
+    assert NoProductTips().filter(record("a message of the run"))
     prepare(str(tmp_path / "train"), synthetic=32, max_count=16, quiet=True)
     cli = build_cli([
         *TINY_FIT[1:5], "--config", "configs/tiny/sft.yaml",

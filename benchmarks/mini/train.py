@@ -172,7 +172,7 @@ def stage1_module(cfg: MiniConfig, spec: dict, base: Path, encoders: Path) -> St
     return Stage1(
         load_base(cfg, base), middle_layers=cfg.middle_layers,
         shared_dim=cfg.factor_dim, readout_rank=cfg.readout_rank,
-        shared_only_steps=cfg.shared_only_steps, export_dir=str(encoders), lr=cfg.stage1_lr,
+        shared_only_steps=cfg.shared_only_steps, export_dir=str(Path(encoders).resolve()), lr=cfg.stage1_lr,
         warmup_steps=cfg.stage1_steps // 10, **spec.get("stage1", {}),
     )  # fmt: skip
 
