@@ -15,13 +15,36 @@ import yaml
 
 
 def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
-    """The EMA callback's weights stored in a Lightning checkpoint, if any (single shard)."""
+    """The EMA callback's weights stored in a Lightning checkpoint, if any.
+
+    A ZeRO-3 run stores one partition per rank (``stages/ema.py``); they are put back together
+    here, shaped like the checkpoint's (consolidated) ``state_dict``.
+    """
     for key, state in checkpoint.get("callbacks", {}).items():
         if key.startswith("EMA") and isinstance(state, dict) and "per_rank" in state:
-            if len(state["per_rank"]) != 1:
-                raise ValueError("EMA of a ZeRO-3 run is sharded: consolidate the checkpoint first")
-            return state["per_rank"][0]
+            per_rank = state["per_rank"]
+            if len(per_rank) == 1:
+                return per_rank[0]
+            shapes = {k: v.shape for k, v in checkpoint.get("state_dict", checkpoint).items()}
+            return {name: _unpartition(name, [r[name] for r in per_rank], shapes.get(name))
+                    for name in per_rank[0]}  # fmt: skip
     return None
+
+
+def _unpartition(name: str, parts: list[torch.Tensor], shape) -> torch.Tensor:
+    """A parameter from its ZeRO-3 partitions: DeepSpeed gives rank r the elements
+    ``[r*p, (r+1)*p)`` of the flattened parameter, the last one zero-padded (the same rebuild
+    as ``stages.ema._refresh_gathered``, here on saved tensors, without a process group)."""
+    if shape is None:
+        raise ValueError(f"EMA weights hold {name}, which the checkpoint's state_dict lacks")
+    numel, sizes = torch.Size(shape).numel(), {p.numel() for p in parts}
+    size = sizes.pop() if len(sizes) == 1 else -1
+    if size < 0 or size * len(parts) < numel or (size - 1) * len(parts) >= numel:
+        raise ValueError(
+            f"EMA partitions of {name} ({[p.numel() for p in parts]} elements over "
+            f"{len(parts)} ranks) do not make up its shape {tuple(shape)}"
+        )
+    return torch.cat([p.flatten() for p in parts])[:numel].view(shape)
 
 
 def read_checkpoint(checkpoint: Path) -> dict:

@@ -151,7 +151,7 @@ def test_deepspeed_stage2_with_ema_targets_resumes_and_agrees_across_zero_stages
             "fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
             "--config", "configs/tiny/stage2.yaml", "--config", str(extra),
             f"--model.init_args.stage1_encoders={encoders}", f"--model.init_args.targets={targets}",
-            "--model.init_args.ramp_steps=1",
+            "--model.init_args.ramp_steps=1", "--model.init_args.warmup_steps=0",
             f"--data.init_args.train_shards={tmp_path / 'train'}", "--data.init_args.val_shards=null",
             "--data.init_args.num_workers=1", "--data.init_args.batch_size=4",
             "--trainer.devices=2", "--trainer.limit_val_batches=0", "--trainer.max_steps=4",

@@ -1,6 +1,7 @@
 """The EMA callback: decay ramp, accumulation, checkpoint round trip (single process)."""
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -92,3 +93,31 @@ def test_state_loaded_after_fit_start_is_applied(tmp_path):
     assert late.updates == 3
     torch.testing.assert_close(late.shadow["net.weight"], ema.shadow["net.weight"])
     assert not torch.equal(late.shadow["net.weight"], model.net.weight.detach())
+
+
+def test_export_reassembles_the_ema_of_a_zero3_run_from_its_partitions():
+    """Under ZeRO-3 the EMA callback stores one flat, zero-padded partition per rank (DeepSpeed's
+    layout: rank r holds elements [r*p, (r+1)*p) of the flattened parameter); ``export`` must
+    rebuild the full tensors, shaped like the consolidated state dict, not refuse them."""
+    from diva_lightning.export import ema_weights
+
+    full = {"backbone.w": torch.arange(15.0).view(3, 5), "backbone.b": torch.tensor([7.0])}
+    world = 4
+    per_rank = [{} for _ in range(world)]
+    for name, value in full.items():
+        part = -(-value.numel() // world)  # ceil
+        flat = torch.cat([value.flatten(), torch.zeros(part * world - value.numel())])
+        for rank in range(world):
+            per_rank[rank][name] = flat[rank * part : (rank + 1) * part].clone()
+    ckpt = {
+        "state_dict": {k: torch.zeros_like(v) for k, v in full.items()},
+        "callbacks": {"EMA{'decay_start': 0.99}": {"updates": 3, "per_rank": per_rank}},
+    }
+    got = ema_weights(ckpt)
+    assert set(got) == set(full)
+    for name, value in full.items():
+        torch.testing.assert_close(got[name], value)
+    # a partition that does not add up to the parameter is an error naming the tensor
+    per_rank[1]["backbone.w"] = per_rank[1]["backbone.w"][:1]
+    with pytest.raises(ValueError, match="backbone.w"):
+        ema_weights(ckpt)
