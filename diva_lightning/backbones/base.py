@@ -314,6 +314,13 @@ class BackboneAdapter(nn.Module, abc.ABC):
         return max(1, self.max_positions - self.tokens_per_image - self.CAPTION_RESERVE)
 
     @property
+    def generation_order(self) -> str:
+        """How images are sampled through the generation flow: ``"raster"`` (one code at a time,
+        left to right: causal image attention) or ``"confidence"`` (MaskGIT, which needs
+        bidirectional attention inside the image, like Show-o's omni-attention)."""
+        return "raster"
+
+    @property
     def needs_pixels_for_understanding(self) -> bool:
         """True when the understanding flow reads pixels (e.g. Janus's SigLIP), not VQ codes."""
         return False
@@ -325,6 +332,11 @@ class BackboneAdapter(nn.Module, abc.ABC):
 
     def _decode_images(self, codes: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot decode image tokens to pixels")
+
+    @classmethod
+    def can_decode_images(cls) -> bool:
+        """Whether this adapter decodes image codes to pixels (overrides ``_decode_images``)."""
+        return cls._decode_images is not BackboneAdapter._decode_images
 
     @torch.no_grad()
     def tokenize_images(self, pixels: Tensor) -> Tensor:

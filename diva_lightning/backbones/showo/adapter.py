@@ -153,6 +153,10 @@ class ShowoAdapter(BackboneAdapter):
 
     # ---- facts -------------------------------------------------------------------------------
     @property
+    def generation_order(self) -> str:
+        return "confidence"  # MaskGIT over omni-attention, as Show-o itself generates
+
+    @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
 
