@@ -239,6 +239,9 @@ class BackboneAdapter(nn.Module, abc.ABC):
     model: nn.Module
     CAPTION_RESERVE = 64  # positions left beside the image for the prompt and special tokens
     CHARS_PER_TOKEN_CAP = 32  # a caption is cut to limit x this many characters before tokenising
+    # sampling through the generation flow: "raster" (one code at a time, causal image attention)
+    # or "confidence" (MaskGIT: needs bidirectional attention in the image, as Show-o's)
+    generation_order = "raster"
 
     def __init__(self, max_caption_tokens: int | None = None):
         """``max_caption_tokens``: the longest caption in tokens; longer ones are truncated and
@@ -312,13 +315,6 @@ class BackboneAdapter(nn.Module, abc.ABC):
         if self.max_positions is None:
             return None
         return max(1, self.max_positions - self.tokens_per_image - self.CAPTION_RESERVE)
-
-    @property
-    def generation_order(self) -> str:
-        """How images are sampled through the generation flow: ``"raster"`` (one code at a time,
-        left to right: causal image attention) or ``"confidence"`` (MaskGIT, which needs
-        bidirectional attention inside the image, like Show-o's omni-attention)."""
-        return "raster"
 
     @property
     def needs_pixels_for_understanding(self) -> bool:

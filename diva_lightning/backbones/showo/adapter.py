@@ -69,6 +69,8 @@ class ShowoAdapter(BackboneAdapter):
             BOS and EOS (the default); longer ones are cut and counted.
     """
 
+    generation_order = "confidence"  # MaskGIT over omni-attention, as Show-o generates
+
     def __init__(
         self,
         pretrained_path: str | None = None,
@@ -152,10 +154,6 @@ class ShowoAdapter(BackboneAdapter):
             )
 
     # ---- facts -------------------------------------------------------------------------------
-    @property
-    def generation_order(self) -> str:
-        return "confidence"  # MaskGIT over omni-attention, as Show-o itself generates
-
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
