@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -146,3 +147,32 @@ def test_wrong_model_args_are_refused_before_loading(setup):
         DivaLMM(pretrained=str(root / "model"), backbone="liquid")
     with pytest.raises(FileNotFoundError, match="not a folder"):
         DivaLMM(pretrained=str(root / "missing"))
+
+
+@pytest.mark.parametrize("backbone", ["emu3", "janus", "chameleon", "showo"])
+def test_every_adapter_answers_both_request_kinds(backbone, tmp_path):
+    """Understanding and likelihood requests on each adapter, from its saved folder (Janus
+    reads pixels, the others codes)."""
+    from lmms_eval.api.instance import Instance
+
+    from diva_lightning.backbones import adapter_class
+    from diva_lightning.evaluation.lmms_model import DivaLMM
+
+    torch.manual_seed(0)
+    adapter_class(backbone).tiny().save_pretrained(tmp_path / "model")
+    model = DivaLMM(pretrained=str(tmp_path / "model"), backbone=backbone, batch_size="2",
+                    max_new_tokens=3)  # fmt: skip
+    image = Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype("uint8"))
+    model.task_dict = {"t": {"test": [{"image": image}] * 3}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    meta = lambda i: {"task": "t", "doc_id": i, "repeats": 1}  # noqa: E731
+    asks = [Instance("generate_until", ("is there a red circle?", {"until": ["."]}, visual, i,
+                                        "t", "test"), idx=0, metadata=meta(i)) for i in range(3)]  # fmt: skip
+    answers = model.generate_until(asks)
+    assert len(answers) == 3 and all(isinstance(a, str) and "." not in a for a in answers)
+    scores = model.loglikelihood([
+        Instance("loglikelihood", ("is there a red circle?", c, visual, 0, "t", "test"), idx=k,
+                 metadata=meta(0)) for k, c in enumerate([" yes", " no"])
+    ])  # fmt: skip
+    losses = [r.text[0] for r in scores]
+    assert all(loss > 0 and np.isfinite(loss) for loss in losses) and losses[0] != losses[1]
