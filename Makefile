@@ -13,7 +13,9 @@ setup: ## create .venv with the CPU torch build and the package in editable mode
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build; anything looser pulls multi-GB CUDA wheels
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,eval]'
+	# lmms-eval without its declared dependencies (see the `eval` extra in pyproject.toml)
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 
 test: ## run the default (fast, offline) test suite
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@
     diva-cli prepare --help                            # image folder or synthetic world -> shards
     diva-cli analyze --out runs/analyze                 # Sec. 2 divergence curves, Fig. 2 plots
     diva-cli export --run_config RUN.yaml --checkpoint X.ckpt --out DIR
+    diva-cli generate --pretrained DIR --backbone showo --prompts P --out OUT   # GenEval / DPG
 
 Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
 ``model.init_args.backbone:``); the data module likewise (``data:``).
@@ -18,7 +19,7 @@ from diva_lightning.lightning_cli import DivaCLI, build_cli
 
 __all__ = ["DivaCLI", "build_cli", "main"]
 
-TOOLS = ("prepare", "export", "analyze")
+TOOLS = ("prepare", "export", "analyze", "generate")
 
 
 def _run_tool(name: str, args: list[str]) -> None:
@@ -36,6 +37,10 @@ def _run_tool(name: str, args: list[str]) -> None:
         from diva_lightning.export import export
 
         auto_cli(export, args=args)
+    elif name == "generate":
+        from diva_lightning.evaluation.generate import generate
+
+        auto_cli(generate, args=args)
 
 
 # The user's errors: a refused setting, a missing or existing file. Anything else (a bug, a

@@ -28,7 +28,8 @@ TOOLS_HELP = """DIVA post-training of unified multimodal models.
 Trainer subcommands: fit, validate (below). Tools, each with its own --help:
   diva-cli prepare   image folders, JSONL/CSV pairs or the shapes world -> WebDataset shards
   diva-cli analyze   per-layer divergence curves of a backbone (paper Sec. 2, Fig. 2)
-  diva-cli export    a trained run's backbone (EMA weights) -> save_pretrained folder"""
+  diva-cli export    a trained run's backbone (EMA weights) -> save_pretrained folder
+  diva-cli generate  prompts -> images in GenEval's or DPG-Bench's layout"""
 
 
 class NoProductTips(logging.Filter):

@@ -181,7 +181,7 @@ def test_the_help_lists_the_tools_and_offers_only_working_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(f"diva-cli {tool}" in out for tool in ("prepare", "analyze", "export"))
+    assert all(f"diva-cli {tool}" in out for tool in ("prepare", "analyze", "export", "generate"))
     assert "{fit,validate}" in out
     with pytest.raises(SystemExit):
         main(["test"])

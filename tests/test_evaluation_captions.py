@@ -4,8 +4,12 @@ import pytest
 
 from diva_lightning.backbones.tokenizers import build_word_tokenizer
 from diva_lightning.data.shapes import ShapesWorld
-from diva_lightning.evaluation.captions import DISTRACTOR_KINDS, distractors, parse_caption
-from diva_lightning.evaluation.scores import match_objects, multiple_choice_scores, object_scores
+from diva_lightning.evaluation.shapes.captions import DISTRACTOR_KINDS, distractors, parse_caption
+from diva_lightning.evaluation.shapes.scores import (
+    match_objects,
+    multiple_choice_scores,
+    object_scores,
+)
 
 WORLD = ShapesWorld(seed=11)
 OBJECTS = [WORLD.objects(i) for i in range(150)]

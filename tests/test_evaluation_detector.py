@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from diva_lightning.data.shapes import ShapesWorld
-from diva_lightning.evaluation.detector import ShapesDetector, connected_components
-from diva_lightning.evaluation.scores import object_scores
+from diva_lightning.evaluation.shapes.detector import ShapesDetector, connected_components
+from diva_lightning.evaluation.shapes.scores import object_scores
 
 WORLD = ShapesWorld(seed=7)
 N = 120

@@ -13,7 +13,7 @@ from benchmarks.mini.config import v2, v2_quick, v2_smoke
 from benchmarks.mini.grid import FAMILIES, grid_points, select
 from benchmarks.mini.qa import qa_pairs
 from diva_lightning.data.shapes_v2 import ShapesWorldV2
-from diva_lightning.evaluation.captions import parse_caption
+from diva_lightning.evaluation.shapes.captions import parse_caption
 
 
 def test_pre_training_questions_are_balanced_seeded_and_true():

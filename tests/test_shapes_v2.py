@@ -8,14 +8,14 @@ import pytest
 
 from diva_lightning.backbones.tokenizers import WORDS
 from diva_lightning.data.shapes_v2 import SPLITS, ShapesWorldV2
-from diva_lightning.evaluation.captions import (
+from diva_lightning.evaluation.shapes.captions import (
     binding_kinds,
     binding_swap,
     distractors,
     parse_caption,
 )
-from diva_lightning.evaluation.detector import ShapesDetector
-from diva_lightning.evaluation.probes import (
+from diva_lightning.evaluation.shapes.detector import ShapesDetector
+from diva_lightning.evaluation.shapes.probes import (
     CATEGORIES,
     geneval_correct,
     geneval_prompts,
@@ -23,7 +23,11 @@ from diva_lightning.evaluation.probes import (
     pope_questions,
     pope_scores,
 )
-from diva_lightning.evaluation.scores import bag_scores, multiple_choice_scores, object_scores
+from diva_lightning.evaluation.shapes.scores import (
+    bag_scores,
+    multiple_choice_scores,
+    object_scores,
+)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from benchmarks.mini.config import MiniConfig
 from benchmarks.mini.tokenizer import PatchTokenizer
 from diva_lightning.data.prepare import prepare, synthetic_world_of
 from diva_lightning.data.shapes import ShapesWorld
-from diva_lightning.evaluation.probes import geneval_prompts
+from diva_lightning.evaluation.shapes.probes import geneval_prompts
 
 TRAIN_SEED, VAL_SEED, EVAL_SEED = 0, 1, 2
 IMAGE_SIZE, PATCH = 32, 4  # the shapes world's default size; 4 x 4 blocks -> an 8 x 8 grid

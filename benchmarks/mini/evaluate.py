@@ -6,7 +6,7 @@
 * generation (GenEval-style): MaskGIT text-to-image from the held-out captions, decoded by the
   tokenizer, objects found by the programmatic detector (``gen_*``).
 
-World v2 adds (``diva_lightning.evaluation.probes``): multiple choice against binding
+World v2 adds (``diva_lightning.evaluation.shapes.probes``): multiple choice against binding
 distractors (``mcb_*``: an attribute swapped between two objects; ``mcb_accuracy`` is the true
 caption beating every binding distractor of its sample, over samples that have one), the
 binding-blind bag score of the captions (``und_bag_*``), the POPE-style yes/no probe
@@ -21,25 +21,29 @@ import torch
 from benchmarks.mini.data import PROMPT, EvalSet
 from benchmarks.mini.tokenizer import PatchTokenizer
 from diva_lightning.backbones.base import BackboneAdapter
-from diva_lightning.evaluation.captions import (
-    DISTRACTOR_KINDS,
-    binding_kinds,
-    distractors,
-    parse_caption,
-)
 from diva_lightning.evaluation.decoding import (
     caption_log_likelihood,
     greedy_captions,
     maskgit_generate,
 )
-from diva_lightning.evaluation.detector import ShapesDetector
-from diva_lightning.evaluation.probes import (
+from diva_lightning.evaluation.shapes.captions import (
+    DISTRACTOR_KINDS,
+    binding_kinds,
+    distractors,
+    parse_caption,
+)
+from diva_lightning.evaluation.shapes.detector import ShapesDetector
+from diva_lightning.evaluation.shapes.probes import (
     geneval_correct,
     geneval_scores,
     pope_questions,
     pope_scores,
 )
-from diva_lightning.evaluation.scores import bag_scores, multiple_choice_scores, object_scores
+from diva_lightning.evaluation.shapes.scores import (
+    bag_scores,
+    multiple_choice_scores,
+    object_scores,
+)
 
 
 def caption_budget(world) -> int:

@@ -20,8 +20,8 @@ import zlib
 from collections.abc import Sequence
 
 from diva_lightning.data.shapes import ShapesWorld
-from diva_lightning.evaluation.captions import parse_caption
-from diva_lightning.evaluation.probes import pope_questions
+from diva_lightning.evaluation.shapes.captions import parse_caption
+from diva_lightning.evaluation.shapes.probes import pope_questions
 
 ANSWERS = ("yes", "no")
 

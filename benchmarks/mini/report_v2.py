@@ -30,7 +30,7 @@ from benchmarks.mini.plots import plot_base, plot_curves, plot_metrics, plot_sam
 from benchmarks.mini.report import T_CRITICAL_95, aggregate, hardware, markdown_table
 from benchmarks.mini.train import read_curves
 from diva_lightning.data.prepare import synthetic_world_of
-from diva_lightning.evaluation.probes import CATEGORIES, geneval_prompts
+from diva_lightning.evaluation.shapes.probes import CATEGORIES, geneval_prompts
 
 HEADLINE = [
     ("und_score", "caption attr."),

@@ -239,6 +239,9 @@ class BackboneAdapter(nn.Module, abc.ABC):
     model: nn.Module
     CAPTION_RESERVE = 64  # positions left beside the image for the prompt and special tokens
     CHARS_PER_TOKEN_CAP = 32  # a caption is cut to limit x this many characters before tokenising
+    # sampling through the generation flow: "raster" (one code at a time, causal image attention)
+    # or "confidence" (MaskGIT: needs bidirectional attention in the image, as Show-o's)
+    generation_order = "raster"
 
     def __init__(self, max_caption_tokens: int | None = None):
         """``max_caption_tokens``: the longest caption in tokens; longer ones are truncated and
@@ -325,6 +328,11 @@ class BackboneAdapter(nn.Module, abc.ABC):
 
     def _decode_images(self, codes: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot decode image tokens to pixels")
+
+    @classmethod
+    def can_decode_images(cls) -> bool:
+        """Whether this adapter decodes image codes to pixels (overrides ``_decode_images``)."""
+        return cls._decode_images is not BackboneAdapter._decode_images
 
     @torch.no_grad()
     def tokenize_images(self, pixels: Tensor) -> Tensor:

@@ -179,6 +179,10 @@ class ChameleonAdapter(BackboneAdapter):
         vq_input = (pixels * 2 - 1).to(self.vq.dtype)  # Chameleon normalises to [-1, 1]
         return self.vq.encode(vq_input).image_tokens.view(len(pixels), -1)  # (B, N) codes
 
+    @classmethod
+    def can_decode_images(cls) -> bool:
+        return False  # see _decode_images
+
     def _decode_images(self, codes: Tensor) -> Tensor:
         raise NotImplementedError(
             "ChameleonAdapter cannot decode image tokens: transformers' ChameleonVQVAE has no "

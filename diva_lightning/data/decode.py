@@ -112,8 +112,13 @@ def decode_rgb(
 
 def load_pixels(data: bytes, size: int, max_pixels: int = 40_000_000, min_side: int = 8) -> Tensor:
     """Image bytes -> uint8 (3, size, size): checked, decoded, RGB, resized, centre-cropped."""
-    image = decode_rgb(data, max_pixels, min_side, draft=size)
-    image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+    return image_pixels(decode_rgb(data, max_pixels, min_side, draft=size), size)
+
+
+def image_pixels(image: Image.Image, size: int) -> Tensor:
+    """A decoded image -> uint8 (3, size, size): RGB, shorter side resized, centre-cropped (the
+    training data's own preprocessing, also used for images handed in at evaluation)."""
+    image = ImageOps.fit(to_rgb(image), (size, size), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, S, S)
 

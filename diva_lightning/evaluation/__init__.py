@@ -1,2 +1,14 @@
-"""Evaluation on the synthetic shapes world: a programmatic detector, caption parsing, scores, and
-decoding (captions, caption likelihoods, MaskGIT image generation) through the adapter contract."""
+"""Evaluation, in three paths (README, "Evaluate"):
+
+* in training: ``SampleEvaluation`` (``callback``), a Lightning callback that captions and
+  generates a fixed sample set and logs captioned grids (``image_grid``) and, on the shapes
+  world, metrics to TensorBoard;
+* decoding through the adapter contract, for any backbone (``decoding``): greedy captions,
+  caption likelihoods, image generation;
+* the shapes world's programmatic scorer (``shapes/``): caption parsing, detector, scores, probes
+  and their ``torchmetrics`` metrics. Nothing outside ``shapes/`` assumes that world.
+"""
+
+from diva_lightning.evaluation.callback import SampleEvaluation
+
+__all__ = ["SampleEvaluation"]

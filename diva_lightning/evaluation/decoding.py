@@ -40,6 +40,23 @@ def _token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def continuation_scores(
+    adapter: BackboneAdapter,
+    prompts: Sequence[str],
+    captions: Sequence[str],
+    codes: Tensor | None = None,
+    pixels: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """log p(caption | image, prompt) (B,), and whether greedy decoding would have produced the
+    caption token by token (B,) bool: lmms-eval's ``loglikelihood`` pair."""
+    batch = adapter.build_understanding(prompts, captions, codes=codes, pixels=pixels)
+    out = adapter.forward_flow(batch.to(_device(adapter)), "U")
+    valid = out.targets != IGNORE_INDEX  # (B, S)
+    greedy = ((out.logits.argmax(-1) == out.targets) | ~valid).all(1)
+    return _token_log_probs(out.logits, out.targets).sum(1), greedy
+
+
+@torch.no_grad()
 def caption_log_likelihood(
     adapter: BackboneAdapter,
     prompts: Sequence[str],
@@ -60,14 +77,20 @@ def greedy_captions(
     codes: Tensor | None = None,
     pixels: Tensor | None = None,
     max_tokens: int = 48,
+    stop_early: bool = True,
 ) -> list[str]:
     """Greedy captions of B images; stops at the tokenizer's end-of-text token. Finished
-    captions leave the batch, so later steps only run the unfinished ones."""
+    captions leave the batch, so later steps only run the unfinished ones. ``stop_early=False``
+    runs all ``max_tokens`` steps on the whole batch (ranks of a sharded model must run the
+    same forward passes); the captions are the same."""
     tokenizer, device = adapter.tokenizer, _device(adapter)
     eos = tokenizer.eos_token_id
     tokens: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # samples still decoding
+    finished: set[int] = set()
     for _ in range(max_tokens):
+        if not stop_early:
+            active = list(range(len(prompts)))
         pick = torch.tensor(active)
         batch = adapter.build_understanding(
             [prompts[i] for i in active],
@@ -79,10 +102,12 @@ def greedy_captions(
         last = (out.targets != IGNORE_INDEX).sum(1) - 1  # (A,) the slot after the caption
         next_ids = out.logits[torch.arange(len(last)), last].argmax(-1).tolist()
         for i, token in zip(active, next_ids, strict=True):
-            if token != eos:
+            if token != eos and i not in finished:
                 tokens[i].append(token)
-        active = [i for i, token in zip(active, next_ids, strict=True) if token != eos]
-        if not active:
+            elif token == eos:
+                finished.add(i)
+        active = [i for i in active if i not in finished]
+        if not active and stop_early:
             break
     return [tokenizer.decode(t) for t in tokens]
 
@@ -99,19 +124,31 @@ def maskgit_generate(
     steps: int = 8,
     order: str = "confidence",
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    cfg_scale: float = 1.0,
 ) -> Tensor:
-    """Image codes (B, N) for ``captions``; greedy when ``temperature`` is 0."""
+    """Image codes (B, N) for ``captions``; greedy when ``temperature`` is 0.
+
+    ``generator``: one for the batch, or one per caption (then an image depends only on its own
+    seed, not on the batch it is in). ``cfg_scale`` != 1: classifier-free guidance,
+    ``uncond + cfg_scale * (cond - uncond)``, the unconditional logits from the same flow with
+    an empty caption."""
     if order not in ("confidence", "raster"):
         raise ValueError(f"order must be 'confidence' or 'raster', got {order!r}")
     n, device = adapter.tokens_per_image, _device(adapter)
     steps = n if order == "raster" else steps
     codes = torch.zeros(len(captions), n, dtype=torch.long)
     masked = torch.ones(len(captions), n, dtype=torch.bool)
+    generators = generator if isinstance(generator, Sequence) else [generator] * len(captions)
     for step in range(steps):
         batch = adapter.build_generation(captions, codes, masked)
         logits = adapter.forward_flow(batch.to(device), "G").logits.float().cpu()  # (B, S, K)
+        if cfg_scale != 1.0:
+            blank = adapter.build_generation([""] * len(captions), codes, masked)
+            uncond = adapter.forward_flow(blank.to(device), "G").logits.float().cpu()
+            logits = uncond + cfg_scale * (logits - uncond)
         for i in range(len(captions)):
+            generator = generators[i]
             where = masked[i].nonzero().flatten()  # grid index of each slot, row-major
             probs = logits[i, : len(where)].softmax(-1)  # (M, K)
             if temperature > 0:

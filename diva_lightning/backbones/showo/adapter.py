@@ -69,6 +69,8 @@ class ShowoAdapter(BackboneAdapter):
             BOS and EOS (the default); longer ones are cut and counted.
     """
 
+    generation_order = "confidence"  # MaskGIT over omni-attention, as Show-o generates
+
     def __init__(
         self,
         pretrained_path: str | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 
 from diva_lightning.data.shapes import ShapesWorld, cell_name
 
@@ -136,3 +137,15 @@ def distractors(
     """One distractor caption per kind, seeded (``seed`` should identify the sample)."""
     rng = random.Random(seed)
     return {kind: distractor(objects, kind, world, rng) for kind in kinds}
+
+
+def world_of_captions(captions: Sequence[str], image_size: int) -> ShapesWorld | None:
+    """The shapes world whose grammar parses every caption completely (every object with all
+    its attributes), with ``image_size``; None for any other data (no ground truth to score)."""
+    from diva_lightning.data.shapes_v2 import ShapesWorldV2
+
+    for world in (ShapesWorldV2(image_size=image_size), ShapesWorld(image_size=image_size)):
+        parsed = [parse_caption(c, world) for c in captions]
+        if captions and all(p and all(None not in o.values() for o in p) for p in parsed):
+            return world
+    return None
