@@ -65,9 +65,7 @@ def caption_log_likelihood(
     pixels: Tensor | None = None,
 ) -> Tensor:
     """log p(caption | image, prompt) per sample, (B,)."""
-    batch = adapter.build_understanding(prompts, captions, codes=codes, pixels=pixels)
-    out = adapter.forward_flow(batch.to(_device(adapter)), "U")
-    return _token_log_probs(out.logits, out.targets).sum(1)
+    return continuation_scores(adapter, prompts, captions, codes=codes, pixels=pixels)[0]
 
 
 @torch.no_grad()
