@@ -157,13 +157,18 @@ class SampleEvaluation(Callback):
         s = self.samples
         size = real.shape[-1] if real is not None else adapter.image_size
         world = world_of_captions(s["captions"], size) if self.score else None
+        device = next(adapter.parameters()).device  # metric states reduce there (NCCL: GPU)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank scores, or none: the scoring runs forward passes that ZeRO-3 gathers for
+            agree = torch.tensor(float(world is not None), device=device)
+            torch.distributed.all_reduce(agree, op=torch.distributed.ReduceOp.MIN)
+            world = world if agree.item() > 0 else None
         if world is None:
             if self.score is True:
                 raise ValueError("SampleEvaluation(score=true): the captions are not the "
                                  "shapes world's, so there is no ground truth to score")  # fmt: skip
             return {}
         truth = [parse_caption(c, world) for c in s["captions"]]
-        device = next(adapter.parameters()).device  # metric states reduce there (NCCL: GPU)
         caption_scores = ObjectScores().to(device)
         caption_scores.update([parse_caption(c, world) for c in captions], truth)
         out = {f"eval/caption_{k}": v for k, v in caption_scores.compute().items()}
