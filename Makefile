@@ -44,7 +44,7 @@ demo-data: ## write the synthetic shapes-world shards by hand (the data module a
 demo: ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shards, CPU)
 	$(DIVA) fit $(TINY) --config configs/tiny/stage1.yaml
 	$(DIVA) fit $(TINY) --config configs/tiny/stage2.yaml
-	@echo "logs (TensorBoard): runs/tiny  ->  $(VENV)/bin/tensorboard --logdir runs/tiny"
+	@echo "logs (TensorBoard): runs/tiny  ->  $(VENV)/bin/tensorboard --logdir runs/tiny  (Images: eval/samples)"
 	@echo "stage-1 encoders:   runs/tiny/stage1/factor_encoders"
 	@echo "checkpoints:        runs/tiny/stage1/checkpoints, runs/tiny/stage2/checkpoints"
 
