@@ -18,6 +18,7 @@ from torch import Tensor
 
 CELL = 128  # pixels per image in the grid (small images are scaled up, nearest neighbour)
 LINE = 12  # pixels per line of text
+GAP = 4  # white pixels between the columns
 
 
 def _tile(pixels: Tensor | None) -> Image.Image:
@@ -40,15 +41,15 @@ def captioned_grid(
     font = ImageFont.load_default()
     wrapped = [[w for line in sample for w in textwrap.wrap(line, width_chars)] for sample in lines]
     heights = [CELL + LINE * (len(w) + 1) for w in wrapped]
-    width = max(CELL * len(columns), 6 * width_chars + 8)
+    width = max((CELL + GAP) * len(columns), 6 * width_chars + 8)
     canvas = Image.new("RGB", (width, LINE + sum(heights)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(column_names):
-        draw.text((c * CELL + 4, 0), name, fill=(0, 0, 0), font=font)
+        draw.text((c * (CELL + GAP) + 4, 0), name, fill=(0, 0, 0), font=font)
     top = LINE
     for r in range(rows):
         for c, images in enumerate(columns):
-            canvas.paste(_tile(None if images is None else images[r]), (c * CELL, top))
+            canvas.paste(_tile(None if images is None else images[r]), (c * (CELL + GAP), top))
         for k, text in enumerate(wrapped[r]):
             draw.text((4, top + CELL + 2 + k * LINE), text, fill=(0, 0, 0), font=font)
         top += heights[r]
