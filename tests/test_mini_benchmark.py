@@ -12,7 +12,7 @@ from benchmarks.mini.data import PROMPT, TRAIN_SEED, eval_set, render
 from benchmarks.mini.report import paired
 from benchmarks.mini.run import finished_runs, main, run
 from benchmarks.mini.tokenizer import PatchTokenizer
-from diva_lightning.backbones.base import IGNORE_INDEX
+from diva_lightning.backbones.flows import IGNORE_INDEX
 from diva_lightning.data.shapes import ShapesWorld
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from diva_lightning.backbones.base import IGNORE_INDEX
+from diva_lightning.backbones.flows import IGNORE_INDEX
 from diva_lightning.backbones.showo import ShowoAdapter
 from diva_lightning.backbones.showo import masks as M
 from diva_lightning.backbones.showo.magvitv2 import MAGVITv2

@@ -2,9 +2,9 @@
 
 import importlib
 
-from diva_lightning.backbones.base import (
+from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.backbones.flows import (
     IGNORE_INDEX,
-    BackboneAdapter,
     FlowBatch,
     FlowOutput,
     supervised_cross_entropy,
@@ -26,6 +26,7 @@ ADAPTERS = {
     "janus": "diva_lightning.backbones.janus.JanusAdapter",
     "chameleon": "diva_lightning.backbones.chameleon.ChameleonAdapter",
     "showo": "diva_lightning.backbones.showo.ShowoAdapter",
+    "liquid": "diva_lightning.backbones.liquid.LiquidAdapter",
 }
 
 

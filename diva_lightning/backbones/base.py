@@ -1,16 +1,12 @@
 """The backbone adapter contract: one abstract class every UMM adapter subclasses once.
 
-An adapter wraps one unified multimodal model (a transformers model, or this project's own) and
-exposes the small surface DIVA needs (paper Sec. 3.1):
-
-* facts (layers, hidden size, codebook, image size and token grid);
-* the frozen VQ: ``tokenize_images`` / ``decode_images``;
-* the two flows built from the same image-text pair: understanding (image + caption prompt,
-  next-token loss on the caption) and generation (caption + masked image tokens, loss on the
-  masked positions only);
-* one forward per flow returning the image-token hidden states of requested layers
-  ``(B, L, N, D)`` or pooled ``(B, L, D)``, the logits the native loss needs and the native loss;
-* freezing helpers and ``from_pretrained`` / ``save_pretrained``.
+An adapter wraps one unified multimodal model and exposes the small surface DIVA needs (paper
+Sec. 3.1): facts (layers, hidden size, codebook, image grid); the frozen VQ
+(``tokenize_images`` / ``decode_images``); the two flows built from one image-text pair
+(understanding: loss on the caption; generation: loss on the masked image codes only); one
+forward per flow returning the image-token states of requested layers ``(B, L, N, D)`` or
+pooled ``(B, L, D)``, the logits and the native loss; freezing; ``from_pretrained`` /
+``save_pretrained``. Token-layout UMMs (codes as vocabulary ids) only describe their layout.
 
 Layer numbering: layer ``l`` (1-based) is decoder block ``l``; its output is
 ``hidden_states[l]`` of a transformers forward with ``output_hidden_states=True``. The last
@@ -19,60 +15,33 @@ is called as ``block(hidden, *args, **kwargs)`` and returns the hidden state, or
 starts with it (every transformers decoder layer does): ``BlockCalls`` relies on this to run a
 range of blocks again for the EMA teacher.
 
-Logits convention (``FlowOutput``): ``logits`` is ``(B, S, V)`` over the ``S`` supervised slots of
-each sample (padded), ``targets`` is ``(B, S)`` with ``-100`` at padding, and
-``loss = cross_entropy(logits, targets, ignore_index=-100)`` averaged over real slots. The
-understanding flow's ``V`` is the text vocabulary; the generation flow's ``V`` is the codebook, in
-codebook order (code ``k`` is column ``k``). Stage 1 adds a per-sample bias ``(B, V)`` to these
-logits (Eq. 8), so an adapter must never return logits it does not also score.
+Logits (``flows.FlowOutput``): the understanding flow's ``V`` is the text vocabulary, the
+generation flow's the codebook, in codebook order (code ``k`` is column ``k``). Stage 1 adds a
+per-sample bias ``(B, V)`` to them (Eq. 8): an adapter never returns logits it does not score.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AutoTokenizer
 
-IGNORE_INDEX = -100
+from diva_lightning.backbones.flows import (
+    IGNORE_INDEX,
+    FlowBatch,
+    FlowOutput,
+    LayerCapture,
+    right_padded_batch,
+    shifted_slot_states,
+    supervised_cross_entropy,
+)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class FlowBatch:
-    """Model inputs of one flow for a batch, built by the adapter. Shapes: ``T`` sequence length."""
-
-    attention_mask: Tensor  # (B, T) 1 = real token, 0 = padding
-    labels: Tensor  # (B, T) token ids (or codes) to predict, IGNORE_INDEX elsewhere
-    image_positions: Tensor  # (B, N) sequence index of each image token, in grid (row-major) order
-    input_ids: Tensor | None = None  # (B, T)
-    inputs_embeds: Tensor | None = None  # (B, T, D) when the flow needs continuous inputs
-    extra: dict = field(default_factory=dict)  # adapter-specific tensors (pixel_values, masks, ...)
-
-    def to(self, device: torch.device | str) -> FlowBatch:
-        move = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
-        return FlowBatch(
-            attention_mask=move(self.attention_mask),
-            labels=move(self.labels),
-            image_positions=move(self.image_positions),
-            input_ids=move(self.input_ids),
-            inputs_embeds=move(self.inputs_embeds),
-            extra={k: move(v) for k, v in self.extra.items()},
-        )
-
-
-@dataclass
-class FlowOutput:
-    """What one forward of a flow returns."""
-
-    hidden: Tensor  # (B, L, N, D) image-token states, or (B, L, D) when pooled
-    logits: Tensor  # (B, S, V) at supervised slots (text vocab for U, codebook order for G)
-    targets: Tensor  # (B, S) class indices into V, IGNORE_INDEX at padding
-    loss: Tensor  # () native loss = CE(logits, targets)
 
 
 def local_checkpoint(path: str | Path, key: str = "pretrained_path") -> Path:
@@ -90,145 +59,6 @@ def local_checkpoint(path: str | Path, key: str = "pretrained_path") -> Path:
     return folder
 
 
-def supervised_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy over real slots. logits (B, S, V), targets (B, S)."""
-    if not (targets != IGNORE_INDEX).any():
-        return logits.sum() * 0.0  # keep the graph; no supervised slot in this batch
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
-
-
-def gather_slots(values: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
-    """Pick per-sample positions from a sequence tensor, zero where not valid.
-
-    values (B, T, D), positions (B, S) long, valid (B, S) bool -> (B, S, D)
-    """
-    index = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, values.shape[-1])  # (B, S, D)
-    picked = torch.gather(values, 1, index)
-    return picked * valid.unsqueeze(-1).to(picked.dtype)
-
-
-def pad_positions(rows: Sequence[Tensor], fill: int = 0) -> tuple[Tensor, Tensor]:
-    """Right-pad a list of 1D position tensors -> (positions (B, S), valid (B, S) bool)."""
-    width = max((len(r) for r in rows), default=0)
-    positions = torch.full((len(rows), max(width, 1)), fill, dtype=torch.long)
-    valid = torch.zeros_like(positions, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        positions[i, : len(row)] = row
-        valid[i, : len(row)] = True
-    return positions, valid
-
-
-def right_padded_batch(
-    rows: Sequence[tuple[list[int], list[int], Tensor]], pad_id: int, device: torch.device | str
-) -> FlowBatch:
-    """rows of (token ids, labels, image positions (N,)) -> right-padded ``FlowBatch``.
-
-    Right padding leaves positions untouched, so a 2D attention mask suffices.
-    """
-    width = max(len(ids) for ids, _, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    attention = torch.zeros_like(input_ids)
-    for i, (ids, lab, _) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention[i, : len(ids)] = 1
-    positions = torch.stack([pos for _, _, pos in rows])  # (B, N)
-    return FlowBatch(
-        attention.to(device), labels.to(device), positions.to(device), input_ids.to(device)
-    )
-
-
-def supervised_slots(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """labels (B, T) -> (positions (B, S), valid (B, S), targets (B, S)) of the labelled tokens."""
-    rows = [torch.nonzero(row != IGNORE_INDEX).flatten() for row in labels]
-    positions, valid = pad_positions(rows)
-    positions, valid = positions.to(labels.device), valid.to(labels.device)
-    targets = torch.gather(labels, 1, positions).masked_fill(~valid, IGNORE_INDEX)
-    return positions, valid, targets
-
-
-def shifted_slot_states(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Causal LMs: the state at ``p - 1`` scores the token at each labelled position ``p``.
-
-    hidden (B, T, D), labels (B, T) -> (states (B, S, D), targets (B, S)).
-    """
-    positions, valid, targets = supervised_slots(labels)
-    return gather_slots(hidden, positions - 1, valid), targets
-
-
-def pool_image_states(
-    hidden: Tensor, positions: Tensor, pool: bool, pool_mask: Tensor | None = None
-) -> Tensor:
-    """Image-token states of one layer, optionally mean-pooled (paper Sec. 3.2, ``Pool``).
-
-    hidden (B, T, D), positions (B, N) -> (B, N, D), or (B, D) when ``pool``. ``pool_mask``
-    (B, N) bool keeps only the True slots in the mean (e.g. the unmasked slots of the generation
-    flow); a row without any kept slot pools to zeros.
-    """
-    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, N, D)
-    image_states = torch.gather(hidden, 1, index)  # (B, N, D)
-    if not pool:
-        return image_states
-    if pool_mask is None:
-        return image_states.mean(1)
-    weights = pool_mask.to(image_states.dtype).unsqueeze(-1)  # (B, N, 1)
-    return (image_states * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
-class LayerCapture:
-    """Forward hooks on decoder blocks that keep only the image-token states of chosen layers.
-
-    Used as a context manager around one forward; never keeps the states of other layers.
-    """
-
-    def __init__(
-        self,
-        blocks: nn.ModuleList,
-        layers: Sequence[int],
-        positions: Tensor,
-        pool: bool,
-        pool_mask: Tensor | None = None,
-    ):
-        self.blocks, self.layers, self.positions, self.pool = blocks, list(layers), positions, pool
-        self.pool_mask = pool_mask
-        self.states: dict[int, Tensor] = {}
-        self._handles: list = []
-
-    def _hook(self, layer: int):
-        def fn(_module, _inputs, output):
-            hidden = block_output(output)  # (B, T, D)
-            self.states[layer] = pool_image_states(
-                hidden, self.positions, self.pool, self.pool_mask
-            )
-
-        return fn
-
-    def __enter__(self) -> LayerCapture:
-        for layer in self.layers:
-            self._handles.append(self.blocks[layer - 1].register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def stacked(self) -> Tensor:
-        """(B, L, N, D) or (B, L, D) in the order the layers were requested."""
-        missing = [layer for layer in self.layers if layer not in self.states]
-        if missing:
-            raise RuntimeError(f"layers {missing} were not reached by the forward pass")
-        return torch.stack([self.states[layer] for layer in self.layers], dim=1)
-
-
-def block_output(output) -> Tensor:
-    """The hidden state a decoder block returns: the tensor itself, or the first of a tuple."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 class BackboneAdapter(nn.Module, abc.ABC):
     """Abstract UMM adapter. Subclasses implement the abstract members; everything else is shared.
 
@@ -242,50 +72,86 @@ class BackboneAdapter(nn.Module, abc.ABC):
     # sampling through the generation flow: "raster" (one code at a time, causal image attention)
     # or "confidence" (MaskGIT: needs bidirectional attention in the image, as Show-o's)
     generation_order = "raster"
+    # how images become pixels (data pipeline, prepare, evaluation): None, the data module's RGB
+    # conversion, shorter side resized (bicubic) and centre-cropped; else a picklable function
+    # (PIL image, size) -> RGB PIL image of size x size: the model's own (Liquid's)
+    image_preprocess = None
 
-    def __init__(self, max_caption_tokens: int | None = None):
-        """``max_caption_tokens``: the longest caption in tokens; longer ones are truncated and
-        counted (``pop_truncated_captions``). None: what the position embeddings leave beside
-        the image and ``CAPTION_RESERVE`` tokens of prompt."""
+    def __init__(self, torch_dtype: str = "float32", max_caption_tokens: int | None = None):
+        """Settings every adapter takes (subclasses forward them with ``**kwargs``).
+
+        Args:
+            torch_dtype: dtype of the language model: ``float32``, ``bfloat16`` or ``float16``.
+            max_caption_tokens: longest caption in tokens; longer ones are cut and counted
+                (``pop_truncated_captions``). Default: what the position embeddings leave beside
+                the image and ``CAPTION_RESERVE`` tokens of prompt.
+        """
         super().__init__()
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
         if max_caption_tokens is not None and max_caption_tokens < 1:
             raise ValueError(f"max_caption_tokens must be >= 1, got {max_caption_tokens}")
+        self.torch_dtype = DTYPES[torch_dtype]
         self.max_caption_tokens = max_caption_tokens
         self.truncated_captions = 0
 
+    def load_checkpoint(self, model_class, path: str | Path) -> Path:
+        """``self.model`` (``model_class.from_pretrained``, in ``torch_dtype``) and
+        ``self.tokenizer`` from a local folder, never the network; returns the folder."""
+        folder = local_checkpoint(path)
+        self.model = model_class.from_pretrained(
+            folder, dtype=self.torch_dtype, local_files_only=True
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return folder
+
     # ---- facts -------------------------------------------------------------------------------
+    # Defaults for a transformers LM whose image codes are vocabulary ids (``image_token_ids``);
+    # other layouts override them.
     @property
-    @abc.abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack (embeddings, blocks, final norm) that returns ``last_hidden_state``."""
+        return self.model.model
+
+    @property
     def decoder_layers(self) -> nn.ModuleList:
         """The transformer blocks, in order (block ``l`` is ``decoder_layers[l - 1]``)."""
+        return self.language_model.layers
 
     @property
-    @abc.abstractmethod
     def vq(self) -> nn.Module:
-        """The frozen image tokenizer."""
+        """The frozen image tokenizer (default: where transformers' UMMs keep it)."""
+        return self.model.model.vqmodel
 
     @property
-    @abc.abstractmethod
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        return int(self.language_model.config.hidden_size)
 
     @property
-    @abc.abstractmethod
-    def codebook_size(self) -> int: ...
+    def codebook_size(self) -> int:
+        return len(self.image_token_ids)
 
     @property
-    @abc.abstractmethod
     def text_vocab_size(self) -> int:
-        """Width ``V_t`` of the understanding flow's logits."""
+        """Width ``V_t`` of the understanding flow's logits (the LM head's vocabulary)."""
+        return self.model.get_output_embeddings().out_features
 
     @property
-    @abc.abstractmethod
     def image_size(self) -> int:
-        """Square pixel size the VQ expects."""
+        """Square pixel size the VQ expects (default: ``self._image_size``, set by the adapter)."""
+        return self._image_size
 
     @property
-    @abc.abstractmethod
     def image_grid(self) -> tuple[int, int]:
-        """(rows, cols) of the image-token grid."""
+        """(rows, cols) of the image-token grid (default: a square, ``vq_downsample`` pixels a
+        code along each side)."""
+        side = self.image_size // self.vq_downsample
+        return side, side
+
+    @property
+    def vq_downsample(self) -> int:
+        """Pixels per image code along each side; an adapter gives it or ``image_grid``."""
+        raise NotImplementedError(f"{type(self).__name__}: no image_grid nor vq_downsample")
 
     @property
     def num_layers(self) -> int:
@@ -350,6 +216,11 @@ class BackboneAdapter(nn.Module, abc.ABC):
         self.vq.eval()
         return self._decode_images(codes).clamp(0, 1)
 
+    @staticmethod
+    def to_uint8(pixels: Tensor) -> Tensor:
+        """pixels (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounded (or as the model's own)."""
+        return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
     def check_codes(self, codes: Tensor) -> None:
         """Raise a clear error for codes that do not fit this backbone's codebook and grid."""
         if codes.dim() != 2 or codes.shape[1] != self.tokens_per_image:
@@ -394,7 +265,34 @@ class BackboneAdapter(nn.Module, abc.ABC):
                 f"{self.caption_token_limit}) or shorten the prompts"
             )
 
-    @abc.abstractmethod
+    # Token layouts: each flow as one right-padded token sequence, the text around the image from
+    # the ``_*_text`` hooks, the image block from ``_image_block`` (Show-o overrides ``_layout_*``).
+    def _understanding_text(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Ids before and after the image block of the understanding flow (prompt included)."""
+        bos, boi, eoi = self.tokenizer.bos_token_id, self.special["boi"], self.special["eoi"]
+        return [bos, boi], [eoi, *self._text(prompt)]
+
+    def _answer_end(self) -> list[int]:
+        """Ids after the caption in the understanding flow (labelled, like the caption)."""
+        return [self.tokenizer.eos_token_id]
+
+    def _generation_text(self, caption: str) -> tuple[list[int], list[int]]:
+        """Ids before and after the image block of the generation flow (caption included)."""
+        bos, boi, eoi = self.tokenizer.bos_token_id, self.special["boi"], self.special["eoi"]
+        return [bos, *self.caption_ids(caption), boi], [eoi]
+
+    def _image_block(self, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """codes (N,), mask (N,) bool -> (ids (M,), offsets (N,)) on the CPU: the image block's
+        ids, every masked code's id replaced by the mask token (never the code itself), and the
+        index of each code inside the block (row-major). Default: one vocabulary id per code."""
+        ids = self.image_token_ids.cpu()[codes.cpu()]  # (N,) a copy
+        ids[mask.cpu()] = self.special["mask"]
+        return ids, torch.arange(len(codes))
+
+    def _flow_extra(self, flow: str, codes: Tensor | None, mask: Tensor | None, pixels) -> dict:
+        """Tensors a flow's forward needs besides the ids (``FlowBatch.extra``)."""
+        return {}
+
     def build_understanding(
         self,
         prompts: Sequence[str],
@@ -402,20 +300,82 @@ class BackboneAdapter(nn.Module, abc.ABC):
         codes: Tensor | None = None,
         pixels: Tensor | None = None,
     ) -> FlowBatch:
-        """Image + prompt -> caption. Labels only on caption tokens (and the end-of-text token)."""
+        """Image + prompt -> caption. Labels only on caption tokens (and ``_answer_end``)."""
+        return self._layout_understanding(
+            prompts, captions, *self._understanding_image(codes, pixels)
+        )
 
-    @abc.abstractmethod
+    def _understanding_image(self, codes: Tensor | None, pixels: Tensor | None) -> tuple:
+        """(codes (B, N) checked, pixels) for the understanding flow, tokenising pixels when no
+        codes are given; placeholder codes when the flow reads pixels (Janus)."""
+        if self.needs_pixels_for_understanding:
+            if pixels is None:
+                raise ValueError(f"{type(self).__name__}'s understanding flow reads pixels")
+            image_codes = torch.zeros(len(pixels), self.tokens_per_image, dtype=torch.long)
+        else:
+            if codes is None and pixels is None:
+                raise ValueError("build_understanding needs image codes or pixels")
+            image_codes = self.tokenize_images(pixels) if codes is None else codes
+            self.check_codes(image_codes)
+        return image_codes, pixels
+
+    def _layout_understanding(self, prompts, captions, codes: Tensor, pixels) -> FlowBatch:
+        """The understanding flow as one right-padded token sequence per sample."""
+        rows, nothing = [], torch.zeros(self.tokens_per_image, dtype=torch.bool)
+        for prompt, caption, image in zip(prompts, captions, codes, strict=True):
+            before, after = self._understanding_text(prompt)
+            block, offsets = self._image_block(image, nothing)
+            context = before + block.tolist() + after
+            target = self.caption_ids(caption) + self._answer_end()
+            labels = [IGNORE_INDEX] * len(context) + target
+            rows.append((context + target, labels, len(before) + offsets))
+        return self._token_batch(rows, self._flow_extra("U", codes, None, pixels))
+
     def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
         """Caption + image codes with ``mask`` (B, N) bool: masked inputs replaced by the mask
-        token/embedding, labels exactly at masked image positions."""
+        token/embedding, labels (codes) exactly at masked image positions."""
+        self.check_codes(codes)
+        if mask.shape != codes.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
+        return self._layout_generation(captions, codes, mask.bool())
 
-    @abc.abstractmethod
+    def _layout_generation(self, captions, codes: Tensor, mask: Tensor) -> FlowBatch:
+        """The generation flow as one right-padded token sequence per sample."""
+        rows = []
+        for caption, image, masked in zip(captions, codes.cpu(), mask.bool().cpu(), strict=True):
+            before, after = self._generation_text(caption)
+            block, offsets = self._image_block(image, masked)
+            labels = torch.full_like(block, IGNORE_INDEX)
+            labels[offsets[masked]] = image[masked]  # targets are codes, not LM ids
+            ids = before + block.tolist() + after
+            lab = [IGNORE_INDEX] * len(before) + labels.tolist() + [IGNORE_INDEX] * len(after)
+            rows.append((ids, lab, len(before) + offsets))
+        return self._token_batch(rows, self._flow_extra("G", codes, mask, None))
+
+    def _token_batch(self, rows: list, extra: dict) -> FlowBatch:
+        """rows of (ids, labels, image positions (N,)) -> right-padded ``FlowBatch``."""
+        device = next(self.parameters()).device
+        batch = right_padded_batch(rows, self.tokenizer.pad_token_id or 0, device)
+        batch.extra.update({k: v.to(device) for k, v in extra.items()})
+        return batch
+
+    def _lm_hidden(self, batch: FlowBatch) -> Tensor:
+        """(B, T, D) states after the final norm of ``language_model`` on the batch's ids."""
+        out = self.language_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return out.last_hidden_state
+
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        """Run the model on a U batch -> (logits (B, S, V_t), targets (B, S))."""
+        """Run the model on a U batch -> (logits (B, S, V_t), targets (B, S)). Default: a causal
+        LM, the state at ``p - 1`` scores the token at ``p``."""
+        h, targets = shifted_slot_states(self._lm_hidden(batch), batch.labels)  # (B, S, D)
+        return self.model.get_output_embeddings()(h), targets  # (B, S, V_t)
 
-    @abc.abstractmethod
     def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        """Run the model on a G batch -> (logits (B, S, codebook), targets (B, S) codes)."""
+        """Run the model on a G batch -> (logits (B, S, K), targets (B, S) codes). Default: the
+        LM head's rows of the image tokens, in codebook order (never the full vocabulary)."""
+        h, targets = shifted_slot_states(self._lm_hidden(batch), batch.labels)  # (B, S, D)
+        image_rows = self.model.get_output_embeddings().weight[self.image_token_ids]  # (K, D)
+        return h @ image_rows.T, targets  # (B, S, K)
 
     def forward_flow(
         self,
@@ -485,16 +445,54 @@ class BackboneAdapter(nn.Module, abc.ABC):
             self.model.activation_checkpointing_disable()
 
     # ---- persistence ---------------------------------------------------------------------------
-    @classmethod
-    @abc.abstractmethod
-    def tiny(cls, **overrides) -> BackboneAdapter:
-        """A random tiny config of the real architecture, for tests and the embedded default."""
+    SETTINGS_FILE = "diva_adapter.json"  # adapter settings saved next to the model's files
 
     @classmethod
-    @abc.abstractmethod
+    def tiny(cls, **overrides) -> BackboneAdapter:
+        """A random tiny config of the real architecture, for tests and the embedded default."""
+        return cls(config_overrides=overrides)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> BackboneAdapter:
         """Load a real checkpoint (and its tokenizer) from a local directory."""
+        return cls(pretrained_path=str(path), **kwargs)
 
     @abc.abstractmethod
     def save_pretrained(self, path: str | Path) -> None:
         """Write a directory ``from_pretrained`` reads back exactly."""
+
+    def save_settings(self, path: str | Path, settings: dict) -> None:
+        """Write the adapter's own settings (mask token, image size, ...) next to the weights."""
+        (Path(path) / self.SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+    @classmethod
+    def saved_settings(cls, path: str | Path | None) -> dict:
+        """What ``save_settings`` wrote in ``path`` ({} for None or a folder without them)."""
+        file = Path(path) / cls.SETTINGS_FILE if path is not None else None
+        return json.loads(file.read_text()) if file is not None and file.exists() else {}
+
+    def set_vocabulary(self, tokens: dict[str, str], image_token_ids: Tensor) -> None:
+        """Record ``self.special`` (name -> id of each layout token) and ``image_token_ids``
+        (K,) (code -> LM id, a buffer), and check the mask token (``tokens["mask"]``)."""
+        self.special = self.special_ids(tokens)
+        self.register_buffer("image_token_ids", image_token_ids.long(), persistent=False)
+        if "mask" in tokens:
+            self.check_mask_token(tokens["mask"])
+
+    def special_ids(self, tokens: dict[str, str]) -> dict[str, int]:
+        """Ids of named special tokens, or an error naming every one the tokenizer lacks."""
+        vocab = self.tokenizer.get_vocab()
+        missing = [token for token in tokens.values() if token not in vocab]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: the tokenizer lacks the tokens {missing}")
+        return {name: vocab[token] for name, token in tokens.items()}
+
+    def check_mask_token(self, name: str) -> None:
+        """The generation flow's mask token must be neither an image code nor a layout token."""
+        mask = self.special["mask"]
+        if mask in set(self.image_token_ids.tolist()):
+            raise ValueError(f"mask token {name!r} is an image code")
+        layout = {v for k, v in self.special.items() if k != "mask"}
+        layout |= {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id}
+        if mask in layout | {self.tokenizer.pad_token_id}:
+            raise ValueError(f"mask token {name!r} is a layout token (BOS/EOS/pad or a marker)")

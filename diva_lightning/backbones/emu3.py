@@ -18,55 +18,31 @@ vocabulary at image positions).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoTokenizer, Emu3Config, Emu3ForConditionalGeneration
+from transformers import Emu3Config, Emu3ForConditionalGeneration
 
 from diva_lightning.backbones.base import (
-    DTYPES,
-    IGNORE_INDEX,
     BackboneAdapter,
-    FlowBatch,
-    local_checkpoint,
-    right_padded_batch,
-    shifted_slot_states,
 )
-from diva_lightning.backbones.tokenizers import build_word_tokenizer
+from diva_lightning.backbones.tokenizers import (
+    TINY_LM,
+    build_word_tokenizer,
+    mapped_image_ids,
+    tiny_vq,
+)
 
 EOL, BOI, EOI, IMAGE = "<|extra_200|>", "<|image start|>", "<|image end|>", "<image>"
+DEFAULT_MASK = "<|extra_201|>"
 
 
 def tiny_config(vocab: dict[str, int], codebook_size: int, **overrides) -> Emu3Config:
-    """Random tiny Emu3: LM hidden 64, 8 layers; 32 px -> 8 x 8 codes from a 2-level VQ."""
-    text = dict(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        attention_dropout=0.0,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    vq = dict(
-        codebook_size=codebook_size,
-        embed_dim=8,
-        latent_channels=8,
-        base_channels=32,
-        channel_multiplier=[1, 2, 2],
-        num_res_blocks=1,
-        attn_resolutions=[],
-        temporal_downsample_factor=1,
-        hidden_size=64,
-        num_attention_heads=1,
-    )
-    text.update(overrides.pop("text_config", {}))
+    """Random tiny Emu3: ``TINY_LM``; 32 px -> 8 x 8 codes from a 2-level VQ."""
+    text = dict(TINY_LM, vocab_size=len(vocab), **overrides.pop("text_config", {}))
+    vq = tiny_vq(codebook_size=codebook_size, attn_resolutions=[], temporal_downsample_factor=1)
+    vq.update(hidden_size=64, num_attention_heads=1)
     vq.update(overrides.pop("vq_config", {}))
     return Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab, **overrides)
 
@@ -75,90 +51,48 @@ class Emu3Adapter(BackboneAdapter):
     """Adapter for Emu3.
 
     Args:
-        pretrained_path: local directory of a checkpoint (model + tokenizer). ``None`` builds a
-            random tiny config (tests, the embedded default).
+        pretrained_path: a local ``Emu3ForConditionalGeneration`` folder with its tokenizer (e.g.
+            ``Emu3-Chat-hf``). ``None``: a random tiny Emu3 (tests, the embedded default).
         config_overrides: for the tiny config: ``text_config`` / ``vq_config`` dicts and
             ``image_size`` (pixels, default 32).
-        mask_token: reserved token put at masked image positions in the generation flow.
-        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
-        max_caption_tokens: longest caption in tokens; longer ones are cut and counted
-            (default: what the position embeddings leave beside the image and the prompt).
+        mask_token: the reserved token at masked image positions of the generation flow;
+            ``None``: the one saved with the checkpoint, else ``<|extra_201|>``.
+        **kwargs: ``torch_dtype``, ``max_caption_tokens`` (``BackboneAdapter``).
     """
 
     def __init__(
         self,
         pretrained_path: str | None = None,
         config_overrides: dict | None = None,
-        mask_token: str = "<|extra_201|>",
-        torch_dtype: str = "float32",
-        max_caption_tokens: int | None = None,
+        mask_token: str | None = None,
+        **kwargs,
     ):
-        super().__init__(max_caption_tokens)
+        super().__init__(**kwargs)
         overrides = dict(config_overrides or {})
-        self._image_size = int(overrides.pop("image_size", 32))
+        saved = self.saved_settings(pretrained_path)
+        self._image_size = int(overrides.pop("image_size", saved.get("image_size", 32)))
+        mask_token = mask_token or saved.get("mask_token", DEFAULT_MASK)
         if pretrained_path is not None:
-            local_checkpoint(pretrained_path)
-            self.model = Emu3ForConditionalGeneration.from_pretrained(
-                pretrained_path, dtype=DTYPES[torch_dtype], local_files_only=True
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path, local_files_only=True)
-            extra = Path(pretrained_path) / "diva_adapter.pt"
-            if extra.exists():
-                self._image_size = torch.load(extra)["image_size"]
+            self.load_checkpoint(Emu3ForConditionalGeneration, pretrained_path)
         else:
             codebook = int(overrides.get("vq_config", {}).get("codebook_size", 256))
             visual = [f"<|visual token{i:06d}|>" for i in range(codebook)]
             self.tokenizer = build_word_tokenizer([IMAGE, EOL, BOI, EOI, mask_token, *visual])
             config = tiny_config(self.tokenizer.get_vocab(), codebook, **overrides)
-            self.model = Emu3ForConditionalGeneration(config).to(DTYPES[torch_dtype])
+            self.model = Emu3ForConditionalGeneration(config).to(self.torch_dtype)
         self.mask_token = mask_token
-        self._init_vocabulary()
+        tokens = {"eol": EOL, "boi": BOI, "eoi": EOI, "mask": mask_token}
+        self.set_vocabulary(tokens, mapped_image_ids(self.model.model.vocabulary_mapping))
         self.train(False)
-
-    def _init_vocabulary(self) -> None:
-        vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (EOL, BOI, EOI, self.mask_token) if t not in vocab]
-        if missing:
-            raise ValueError(f"Emu3 tokenizer lacks the special tokens {missing}")
-        mapping = self.model.model.vocabulary_mapping
-        image_ids = torch.tensor([mapping.img2bpe[i] for i in range(len(mapping.img2bpe))])
-        self.register_buffer("image_token_ids", image_ids, persistent=False)  # (K,) code -> LM id
-        self.special = {
-            name: vocab[tok]
-            for name, tok in (("eol", EOL), ("boi", BOI), ("eoi", EOI), ("mask", self.mask_token))
-        }
-        if self.special["mask"] in set(image_ids.tolist()):
-            raise ValueError(f"mask token {self.mask_token!r} is an image code")
 
     # ---- facts -------------------------------------------------------------------------------
     @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.text_model.layers
+    def language_model(self) -> nn.Module:
+        return self.model.model.text_model
 
     @property
-    def vq(self) -> nn.Module:
-        return self.model.model.vqmodel
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.text_config.hidden_size
-
-    @property
-    def codebook_size(self) -> int:
-        return len(self.image_token_ids)
-
-    @property
-    def text_vocab_size(self) -> int:
-        return self.model.lm_head.out_features
-
-    @property
-    def image_size(self) -> int:
-        return self._image_size
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        side = self._image_size // self.vq.vision_spatial_factor
-        return side, side
+    def vq_downsample(self) -> int:
+        return self.vq.vision_spatial_factor
 
     # ---- images --------------------------------------------------------------------------------
     def _encode_images(self, pixels: Tensor) -> Tensor:
@@ -173,89 +107,16 @@ class Emu3Adapter(BackboneAdapter):
         return (pixels.float() + 1) / 2
 
     # ---- flows ---------------------------------------------------------------------------------
-    def _image_ids(self, codes: Tensor) -> Tensor:
-        """codes (N,) -> LM ids with the EOL column, (rows * (cols + 1),)."""
+    def _image_block(self, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes row by row, an EOL token ending each row: ids (rows * (cols + 1),)."""
         rows, cols = self.image_grid
-        ids = self.image_token_ids[codes.to(self.image_token_ids.device)].view(rows, cols)
+        ids, _ = super()._image_block(codes, mask)
         eol = ids.new_full((rows, 1), self.special["eol"])
-        return torch.cat([ids, eol], 1).flatten()
-
-    def _image_offsets(self) -> Tensor:
-        """Index of each code inside the image block (EOL column skipped), (N,)."""
-        rows, cols = self.image_grid
-        return (torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)).flatten()
-
-    def _batch(self, rows: list[tuple[list[int], list[int], int]]) -> FlowBatch:
-        """rows of (token ids, labels, image start) -> right-padded FlowBatch."""
-        offsets = self._image_offsets()
-        rows = [(ids, lab, start + offsets) for ids, lab, start in rows]
-        pad = self.tokenizer.pad_token_id or 0
-        return right_padded_batch(rows, pad, self.image_token_ids.device)
-
-    def build_understanding(
-        self,
-        prompts: Sequence[str],
-        captions: Sequence[str],
-        codes: Tensor | None = None,
-        pixels: Tensor | None = None,
-    ) -> FlowBatch:
-        if codes is None:
-            codes = self.tokenize_images(pixels)
-        self.check_codes(codes)
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        rows = []
-        for prompt, caption, image in zip(prompts, captions, codes, strict=True):
-            head = [bos, self.special["boi"]]
-            image_ids = self._image_ids(image).tolist()
-            context = head + image_ids + [self.special["eoi"]] + self._text(prompt)
-            target = self.caption_ids(caption) + [eos]
-            rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
-        return self._batch(rows)
-
-    def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
-        self.check_codes(codes)
-        if mask.shape != codes.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
-        offsets = self._image_offsets()
-        rows = []
-        for caption, image, masked in zip(captions, codes, mask.bool(), strict=True):
-            head = [self.tokenizer.bos_token_id, *self.caption_ids(caption), self.special["boi"]]
-            image_ids = self._image_ids(image)
-            labels = torch.full_like(image_ids, IGNORE_INDEX)
-            where = offsets[masked.cpu()]
-            labels[where] = image[masked].cpu()  # targets are codes, not LM ids
-            image_ids[where] = self.special["mask"]
-            ids = head + image_ids.tolist() + [self.special["eoi"]]
-            lab = [IGNORE_INDEX] * len(head) + labels.tolist() + [IGNORE_INDEX]
-            rows.append((ids, lab, len(head)))
-        return self._batch(rows)
-
-    def _hidden(self, batch: FlowBatch) -> Tensor:
-        out = self.model.model.text_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        )
-        return out.last_hidden_state  # (B, T, D), after the final norm
-
-    def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        h, targets = shifted_slot_states(self._hidden(batch), batch.labels)  # (B, S, D)
-        return self.model.lm_head(h), targets  # (B, S, V_t)
-
-    def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
-        h, targets = shifted_slot_states(self._hidden(batch), batch.labels)  # (B, S, D)
-        image_rows = self.model.lm_head.weight[self.image_token_ids]  # (K, D)
-        return h @ image_rows.T, targets  # (B, S, K) codebook order
+        offsets = torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)  # EOLs skipped
+        return torch.cat([ids.view(rows, cols), eol], 1).flatten(), offsets.flatten()
 
     # ---- persistence ---------------------------------------------------------------------------
-    @classmethod
-    def tiny(cls, **overrides) -> Emu3Adapter:
-        return cls(config_overrides=overrides)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> Emu3Adapter:
-        return cls(pretrained_path=str(path), **kwargs)
-
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        torch.save({"image_size": self._image_size}, path / "diva_adapter.pt")
+        self.save_settings(path, {"image_size": self._image_size, "mask_token": self.mask_token})

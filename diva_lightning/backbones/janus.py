@@ -24,29 +24,20 @@ masked codes never reach the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import (
     AutoImageProcessor,
-    AutoTokenizer,
     JanusConfig,
     JanusForConditionalGeneration,
 )
 from transformers.models.janus import JanusImageProcessorPil
 
-from diva_lightning.backbones.base import (
-    DTYPES,
-    IGNORE_INDEX,
-    BackboneAdapter,
-    FlowBatch,
-    local_checkpoint,
-    right_padded_batch,
-    shifted_slot_states,
-)
-from diva_lightning.backbones.tokenizers import build_word_tokenizer
+from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.backbones.flows import FlowBatch, shifted_slot_states
+from diva_lightning.backbones.tokenizers import TINY_LM, build_word_tokenizer, tiny_vq
 
 PLACEHOLDER, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 MASK_FILE = "diva_mask_embedding.pt"
@@ -55,20 +46,7 @@ SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # Janus-Pro's SigLIP-L statistics
 
 def tiny_config(vocab: dict[str, int], **overrides) -> JanusConfig:
     """Random tiny Janus: Llama hidden 64, 8 layers; 32 px; SigLIP 8x8 patches; VQ 8x8, 256 codes."""
-    text = dict(
-        model_type="llama",
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        attention_dropout=0.0,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    text = dict(TINY_LM, model_type="llama", vocab_size=len(vocab))
     vision = dict(
         hidden_size=32,
         num_hidden_layers=2,
@@ -80,18 +58,8 @@ def tiny_config(vocab: dict[str, int], **overrides) -> JanusConfig:
         mlp_ratio=2.0,
         attention_dropout=0.0,
     )
-    vq = dict(
-        num_embeddings=256,
-        embed_dim=8,
-        latent_channels=8,
-        base_channels=32,
-        channel_multiplier=[1, 2, 2],
-        num_res_blocks=1,
-        num_patches=8,
-        projection_dim=64,
-        image_token_embed_dim=64,
-        num_hidden_layers=1,
-    )
+    vq = tiny_vq(num_embeddings=256, num_patches=8, projection_dim=64, image_token_embed_dim=64)
+    vq.update(num_hidden_layers=1)
     text.update(overrides.pop("text_config", {}))
     vision.update(overrides.pop("vision_config", {}))
     vq.update(overrides.pop("vq_config", {}))
@@ -108,31 +76,21 @@ class JanusAdapter(BackboneAdapter):
     """Adapter for Janus / Janus-Pro.
 
     Args:
-        pretrained_path: local directory of a ``JanusForConditionalGeneration`` checkpoint with
-            its tokenizer (and ``preprocessor_config.json`` for the SigLIP statistics). ``None``
-            builds a random tiny config (tests, the embedded default).
+        pretrained_path: a local ``JanusForConditionalGeneration`` folder with its tokenizer
+            (and ``preprocessor_config.json`` for the SigLIP statistics). ``None``: a random
+            tiny Janus (tests, the embedded default).
         config_overrides: for the tiny config: ``text_config`` / ``vision_config`` /
             ``vq_config`` dicts merged into the defaults, other keys passed to ``JanusConfig``.
-        torch_dtype: ``float32``, ``bfloat16`` or ``float16``.
-        max_caption_tokens: longest caption in tokens; longer ones are cut and counted
-            (default: what the position embeddings leave beside the image and the prompt).
+        **kwargs: ``torch_dtype``, ``max_caption_tokens`` (``BackboneAdapter``).
     """
 
     def __init__(
-        self,
-        pretrained_path: str | None = None,
-        config_overrides: dict | None = None,
-        torch_dtype: str = "float32",
-        max_caption_tokens: int | None = None,
+        self, pretrained_path: str | None = None, config_overrides: dict | None = None, **kwargs
     ):
-        super().__init__(max_caption_tokens)
-        dtype = DTYPES[torch_dtype]
+        super().__init__(**kwargs)
+        dtype = self.torch_dtype
         if pretrained_path is not None:
-            local_checkpoint(pretrained_path)
-            self.model = JanusForConditionalGeneration.from_pretrained(
-                pretrained_path, dtype=dtype, local_files_only=True
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(pretrained_path, local_files_only=True)
+            self.load_checkpoint(JanusForConditionalGeneration, pretrained_path)
         else:
             self.tokenizer = build_word_tokenizer([PLACEHOLDER, BOI, EOI])
             config = tiny_config(self.tokenizer.get_vocab(), **dict(config_overrides or {}))
@@ -150,8 +108,7 @@ class JanusAdapter(BackboneAdapter):
         self.mask_embedding = nn.Parameter(
             (init if init is not None else self._mean_code_embedding()).to(dtype)
         )
-        vocab = self.tokenizer.get_vocab()
-        self.special = {"placeholder": vocab[PLACEHOLDER], "boi": vocab[BOI], "eoi": vocab[EOI]}
+        self.special = self.special_ids({"placeholder": PLACEHOLDER, "boi": BOI, "eoi": EOI})
         self.train(False)
 
     def _check_grids(self) -> None:
@@ -186,24 +143,12 @@ class JanusAdapter(BackboneAdapter):
 
     # ---- facts -------------------------------------------------------------------------------
     @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    @property
-    def vq(self) -> nn.Module:
-        return self.model.model.vqmodel
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.text_config.hidden_size
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
 
     @property
     def codebook_size(self) -> int:
         return self.model.config.vq_config.num_embeddings
-
-    @property
-    def text_vocab_size(self) -> int:
-        return self.model.lm_head.out_features
 
     @property
     def image_size(self) -> int:
@@ -233,47 +178,14 @@ class JanusAdapter(BackboneAdapter):
         return (pixels.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std
 
     # ---- flows ---------------------------------------------------------------------------------
-    def _batch(self, rows: list[tuple[list[int], list[int], int]], extra: dict) -> FlowBatch:
-        """rows of (token ids, labels, image start) -> right-padded FlowBatch."""
-        n = self.tokens_per_image
-        rows = [(ids, lab, start + torch.arange(n)) for ids, lab, start in rows]
-        pad = self.tokenizer.pad_token_id or 0
-        batch = right_padded_batch(rows, pad, self.mask_embedding.device)
-        batch.extra.update(extra)
-        return batch
+    def _image_block(self, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Placeholders: the forward puts SigLIP features (U) or code embeddings (G) there."""
+        return torch.full_like(codes, self.special["placeholder"]), torch.arange(len(codes))
 
-    def build_understanding(
-        self,
-        prompts: Sequence[str],
-        captions: Sequence[str],
-        codes: Tensor | None = None,
-        pixels: Tensor | None = None,
-    ) -> FlowBatch:
-        if pixels is None:
-            raise ValueError("JanusAdapter's understanding flow reads pixels (SigLIP encoder)")
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        rows = []
-        for prompt, caption in zip(prompts, captions, strict=True):
-            head = [bos, self.special["boi"]]
-            image = [self.special["placeholder"]] * self.tokens_per_image
-            context = head + image + [self.special["eoi"]] + self._text(prompt)
-            target = self.caption_ids(caption) + [eos]
-            rows.append((context + target, [IGNORE_INDEX] * len(context) + target, len(head)))
-        return self._batch(rows, {"pixel_values": self.siglip_pixels(pixels)})
-
-    def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
-        self.check_codes(codes)
-        if mask.shape != codes.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
-        rows = []
-        for caption, image, masked in zip(captions, codes.cpu(), mask.bool().cpu(), strict=True):
-            head = [self.tokenizer.bos_token_id, *self.caption_ids(caption), self.special["boi"]]
-            ids = head + [self.special["placeholder"]] * len(image) + [self.special["eoi"]]
-            labels = torch.where(masked, image, torch.full_like(image, IGNORE_INDEX))  # (N,)
-            lab = [IGNORE_INDEX] * len(head) + labels.tolist() + [IGNORE_INDEX]
-            rows.append((ids, lab, len(head)))
-        device = self.mask_embedding.device
-        return self._batch(rows, {"codes": codes.to(device), "mask": mask.bool().to(device)})
+    def _flow_extra(self, flow: str, codes: Tensor | None, mask: Tensor | None, pixels) -> dict:
+        if flow == "U":
+            return {"pixel_values": self.siglip_pixels(pixels)}
+        return {"codes": codes, "mask": mask.bool()}
 
     def generation_inputs_embeds(self, batch: FlowBatch) -> Tensor:
         """Token embeddings with the image positions replaced by code or mask embeddings."""
@@ -302,14 +214,6 @@ class JanusAdapter(BackboneAdapter):
         return self.model.model.generation_head(h), targets  # (B, S, K)
 
     # ---- persistence ---------------------------------------------------------------------------
-    @classmethod
-    def tiny(cls, **overrides) -> JanusAdapter:
-        return cls(config_overrides=overrides)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> JanusAdapter:
-        return cls(pretrained_path=str(path), **kwargs)
-
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

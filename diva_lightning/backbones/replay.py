@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from diva_lightning.backbones.base import block_output, pool_image_states
+from diva_lightning.backbones.flows import block_output, pool_image_states
 
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")  # names across transformers
 

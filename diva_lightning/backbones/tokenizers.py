@@ -1,5 +1,5 @@
-"""Tokenizer helpers: a tiny word-level tokenizer for random tiny backbones (tests, the embedded
-default), and ``tokenizer_identity`` of an image tokenizer (recorded with pre-tokenised shards).
+"""Tokenizer helpers: a tiny word-level tokenizer and the tiny LM / VQ configs for random tiny
+backbones (tests, the embedded default), and ``tokenizer_identity`` of an image tokenizer (recorded with pre-tokenised shards).
 
 Real checkpoints bring their own tokenizer from the local checkpoint directory; tiny configs
 have no pretrained vocabulary, so they use this one. It covers the caption prompts and the
@@ -16,6 +16,27 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+# the language model of every tiny random adapter: hidden 64, 8 blocks of 4 heads, 512 positions
+TINY_LM = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    attention_dropout=0.0,
+    pad_token_id=0,
+    bos_token_id=2,
+    eos_token_id=3,
+)
+
+
+def tiny_vq(**keys) -> dict:
+    """A fresh config dict of the tiny VQ shared by the tiny adapters (2 downsamplings: 32 px
+    -> 8 x 8 codes), with ``keys`` added."""
+    vq = dict(embed_dim=8, latent_channels=8, base_channels=32, num_res_blocks=1)
+    return {**vq, "channel_multiplier": [1, 2, 2], **keys}
+
 
 _WORD_TEXT = """
 a an the this that there is are of in on at with and to image picture photo shows showing
@@ -50,6 +71,11 @@ def build_word_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTok
     if extra_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
     return tokenizer
+
+
+def mapped_image_ids(mapping) -> torch.Tensor:
+    """(K,) LM id of each VQ code from a transformers vocabulary mapping (Chameleon, Emu3)."""
+    return torch.tensor([mapping.img2bpe[i] for i in range(len(mapping.img2bpe))])
 
 
 def tokenizer_identity(vq: nn.Module) -> dict[str, str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diva_lightning.backbones.base import supervised_cross_entropy
+from diva_lightning.backbones.flows import supervised_cross_entropy
 from diva_lightning.objectives.encoders import Factors
 
 INJECTIONS = ("cross_flow", "same_flow_sum")

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from diva_lightning.backbones.base import BackboneAdapter, FlowOutput
+from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.backbones.flows import FlowOutput
 from diva_lightning.backbones.replay import BlockCalls
 
 GEN_POOLINGS = ("all", "unmasked")

@@ -24,15 +24,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from diva_lightning.backbones.base import (
-    DTYPES,
-    IGNORE_INDEX,
-    BackboneAdapter,
-    FlowBatch,
-    gather_slots,
-    local_checkpoint,
-    pad_positions,
-)
+from diva_lightning.backbones.base import BackboneAdapter, local_checkpoint
+from diva_lightning.backbones.flows import IGNORE_INDEX, FlowBatch, gather_slots, pad_positions
 from diva_lightning.backbones.showo import checkpoint as ckpt
 from diva_lightning.backbones.showo.magvitv2 import MAGVITv2
 from diva_lightning.backbones.showo.masks import (
@@ -62,11 +55,10 @@ class ShowoAdapter(BackboneAdapter):
         preset: ``tiny`` (default, random), ``showo-256`` or ``showo-512``. With a checkpoint
             the preset only supplies what the folder lacks; ``tiny`` there means "infer from the
             number of image tokens".
-        torch_dtype: dtype of the LLM (``float32``, ``bfloat16``, ``float16``); the VQ stays fp32.
         prompt_template: format of the understanding prompt (``{prompt}`` is replaced); default
             the saved one, else the official ``"USER: \\n{prompt} ASSISTANT:"``.
-        max_caption_tokens: longest caption in tokens, at most the ``max_text_len`` slots less
-            BOS and EOS (the default); longer ones are cut and counted.
+        **kwargs: ``torch_dtype`` (of the LLM; the VQ stays fp32) and ``max_caption_tokens`` (at
+            most the ``max_text_len`` slots less BOS and EOS, the default), ``BackboneAdapter``.
     """
 
     generation_order = "confidence"  # MaskGIT over omni-attention, as Show-o generates
@@ -76,18 +68,17 @@ class ShowoAdapter(BackboneAdapter):
         pretrained_path: str | None = None,
         config_overrides: dict | None = None,
         preset: str = "tiny",
-        torch_dtype: str = "float32",
         prompt_template: str | None = None,
-        max_caption_tokens: int | None = None,
+        **kwargs,
     ):
-        super().__init__(max_caption_tokens)
+        super().__init__(**kwargs)
         overrides = dict(config_overrides or {})
         self._saved = {"preset": preset, "overrides": overrides, "prompt_template": CHAT_TEMPLATE}
         if pretrained_path is None:
             self._build_random(get_preset(preset, overrides))
         else:
             self._load(local_checkpoint(pretrained_path), preset, overrides)
-        self.model.to(DTYPES[torch_dtype])
+        self.model.to(self.torch_dtype)
         self.prompt_template = prompt_template or self._saved["prompt_template"]
         self.prompting = ShowoPrompting(self.special, self.max_text_len, IGNORE_INDEX)
         self.train(False)
@@ -175,13 +166,8 @@ class ShowoAdapter(BackboneAdapter):
         return self.model.config.vocab_size  # the native MMU loss is over the whole vocabulary
 
     @property
-    def image_size(self) -> int:
-        return self._image_size
-
-    @property
-    def image_grid(self) -> tuple[int, int]:
-        side = self._image_size // self.magvit.downsample_factor
-        return side, side
+    def vq_downsample(self) -> int:
+        return self.magvit.downsample_factor
 
     @property
     def mask_token_id(self) -> int:
@@ -220,16 +206,8 @@ class ShowoAdapter(BackboneAdapter):
             extra={"attention_mask_4d": mask4d.to(device)},
         )
 
-    def build_understanding(
-        self,
-        prompts: Sequence[str],
-        captions: Sequence[str],
-        codes: Tensor | None = None,
-        pixels: Tensor | None = None,
-    ) -> FlowBatch:
-        if codes is None:
-            codes = self.tokenize_images(pixels)
-        self.check_codes(codes)
+    def _layout_understanding(self, prompts, captions, codes: Tensor, pixels) -> FlowBatch:
+        """The official MMU layout (module docstring)."""
         texts, contexts = [], []
         for prompt, caption in zip(prompts, captions, strict=True):
             context = self._text(self.prompt_template.format(prompt=prompt)) if prompt else []
@@ -243,10 +221,8 @@ class ShowoAdapter(BackboneAdapter):
             row[: self.tokens_per_image + 3 + context] = IGNORE_INDEX  # caption + EOS only
         return self._flow_batch(ids, labels, mmu_attention_mask(ids, self.special.eoi), 2)
 
-    def build_generation(self, captions: Sequence[str], codes: Tensor, mask: Tensor) -> FlowBatch:
-        self.check_codes(codes)
-        if mask.shape != codes.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} must match codes {tuple(codes.shape)}")
+    def _layout_generation(self, captions, codes: Tensor, mask: Tensor) -> FlowBatch:
+        """The official T2I layout with omni-attention (module docstring)."""
         codes, mask = codes.cpu(), mask.cpu().bool()
         image_tokens = codes + self.model.config.image_token_offset
         inputs, _ = apply_token_mask(image_tokens, mask, self.mask_token_id)
@@ -325,14 +301,6 @@ class ShowoAdapter(BackboneAdapter):
         return answers
 
     # ---- persistence ---------------------------------------------------------------------------
-    @classmethod
-    def tiny(cls, **overrides) -> ShowoAdapter:
-        return cls(config_overrides=overrides)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> ShowoAdapter:
-        return cls(pretrained_path=str(path), **kwargs)
-
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         ckpt.save_weights(path / "showo", self.model.state_dict())
