@@ -13,6 +13,7 @@ ADAPTERS = [
     "diva_lightning.backbones.janus.JanusAdapter",
     "diva_lightning.backbones.chameleon.ChameleonAdapter",
     "diva_lightning.backbones.showo.ShowoAdapter",
+    "diva_lightning.backbones.liquid.LiquidAdapter",
 ]
 
 

@@ -237,12 +237,13 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(stage1, shards, tmp_p
     )
 
 
-def test_stage1_then_stage2_on_tiny_showo(shards, tmp_path):
-    showo = ["--config", "configs/tiny/showo.yaml", "--trainer.max_steps=2"]
+@pytest.mark.parametrize("name", ["showo", "liquid"])
+def test_stage1_then_stage2_on_a_tiny_backbone_overlay(name, shards, tmp_path):
+    showo = ["--config", f"configs/tiny/{name}.yaml", "--trainer.max_steps=2"]
     export = tmp_path / "encoders"
     args = fit_args("stage1", shards, tmp_path / "s1", f"--model.init_args.export_dir={export}")
     cli, changed = run([*args[:3], *args[3:], *showo])
-    assert type(cli.model.backbone).__name__ == "ShowoAdapter"
+    assert type(cli.model.backbone).__name__ == {"showo": "ShowoAdapter"}.get(name, "LiquidAdapter")
     assert changed and not [k for k in changed if k.startswith("backbone.")]
     args = fit_args(
         "stage2", shards, tmp_path / "s2", f"--model.init_args.stage1_encoders={export}"

@@ -18,7 +18,7 @@ def print_config(args, capsys):
     return capsys.readouterr().out
 
 
-GPU_CONFIGS = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "showo").glob("*.yaml"))
+GPU_CONFIGS = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("[!t]*/*.yaml"))
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -36,12 +36,13 @@ def test_tiny_configs_parse(stage, capsys):
     assert "diva-cli fit" in path.read_text().splitlines()[1]
 
 
-def test_tiny_showo_overlay_parses(capsys):
-    path = CONFIGS / "tiny" / "showo.yaml"
+@pytest.mark.parametrize("name", ["showo", "liquid"])
+def test_tiny_backbone_overlays_parse(name, capsys):
+    path = CONFIGS / "tiny" / f"{name}.yaml"
     out = print_config(
         [*TINY, "--config", str(CONFIGS / "tiny/stage1.yaml"), "--config", str(path)], capsys
     )
-    assert "ShowoAdapter" in out
+    assert {"showo": "ShowoAdapter", "liquid": "LiquidAdapter"}[name] in out
 
 
 def test_unknown_key_fails_with_exit_code_2_naming_it(capsys):

@@ -9,12 +9,13 @@ import torch
 from diva_lightning.backbones.chameleon import ChameleonAdapter
 from diva_lightning.backbones.emu3 import Emu3Adapter
 from diva_lightning.backbones.janus import JanusAdapter
+from diva_lightning.backbones.liquid import LiquidAdapter
 from diva_lightning.backbones.showo import ShowoAdapter
 from diva_lightning.stages import Stage2
 from diva_lightning.stages.ema import EMA
 from tests.stage_helpers import LossRecorder, batch_for, encoders_for, loader_for, trainer
 
-ADAPTERS = [Emu3Adapter, ShowoAdapter, JanusAdapter, ChameleonAdapter]
+ADAPTERS = [Emu3Adapter, ShowoAdapter, JanusAdapter, ChameleonAdapter, LiquidAdapter]
 
 
 def stage2_with_drifted_ema(adapter_cls, tmp_path, seed=0, **kwargs):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diva_lightning.backbones.base import IGNORE_INDEX, FlowOutput
 from diva_lightning.backbones.emu3 import Emu3Adapter
+from diva_lightning.backbones.flows import IGNORE_INDEX, FlowOutput
 from diva_lightning.data.shapes import ShapesWorld
 from diva_lightning.evaluation.decoding import (
     caption_log_likelihood,
@@ -147,3 +147,19 @@ def test_generation_is_deterministic_and_complete(adapter, captions):
     assert sampled.shape == first.shape
     with pytest.raises(ValueError, match="order"):
         maskgit_generate(adapter, captions, order="spiral")
+
+
+def test_top_k_and_top_p_restrict_what_is_sampled(adapter, captions):
+    def run(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return maskgit_generate(adapter, captions, steps=3, generator=generator, **kwargs)
+
+    greedy = run()
+    wild = run(temperature=5.0)  # almost uniform over the codebook
+    assert not torch.equal(wild, greedy)
+    assert torch.equal(run(temperature=5.0, top_k=1), greedy)  # only the most likely is left
+    assert torch.equal(run(temperature=5.0, top_p=1e-6), greedy)  # the smallest nucleus
+    few = run(temperature=5.0, top_k=3)
+    assert not torch.equal(few, greedy) and few.unique().numel() < wild.unique().numel()
+    with pytest.raises(ValueError, match="top_p"):
+        run(temperature=1.0, top_p=0.0)

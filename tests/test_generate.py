@@ -15,6 +15,7 @@ from PIL import Image
 
 from diva_lightning.backbones.chameleon import ChameleonAdapter
 from diva_lightning.backbones.emu3 import Emu3Adapter
+from diva_lightning.backbones.liquid import LiquidAdapter
 from diva_lightning.backbones.showo import ShowoAdapter
 from diva_lightning.cli import main
 from diva_lightning.evaluation import generate as generate_module
@@ -48,14 +49,14 @@ def read_like_geneval(imagedir: Path) -> list[tuple[dict, str]]:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    for name, cls in (("emu3", Emu3Adapter), ("showo", ShowoAdapter)):
+    for name, cls in (("emu3", Emu3Adapter), ("showo", ShowoAdapter), ("liquid", LiquidAdapter)):
         cls.tiny().save_pretrained(root / name)
     prompts = root / "evaluation_metadata.jsonl"
     prompts.write_text("".join(json.dumps(line) + "\n" for line in GENEVAL_LINES))
     return root, prompts
 
 
-@pytest.mark.parametrize("backbone", ["emu3", "showo"])
+@pytest.mark.parametrize("backbone", ["emu3", "showo", "liquid"])
 def test_geneval_layout_reads_back_as_geneval_reads_it(backbone, models, tmp_path):
     root, prompts = models
     main(["generate", f"--pretrained={root / backbone}", f"--backbone={backbone}",

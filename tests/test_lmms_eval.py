@@ -144,12 +144,12 @@ def test_wrong_model_args_are_refused_before_loading(setup):
     with pytest.raises(ValueError, match="unknown model_args"):
         DivaLMM(pretrained=str(root / "model"), temprature=1.0)
     with pytest.raises(ValueError, match="neither one of"):
-        DivaLMM(pretrained=str(root / "model"), backbone="liquid")
+        DivaLMM(pretrained=str(root / "model"), backbone="lumina-mgpt")
     with pytest.raises(FileNotFoundError, match="not a folder"):
         DivaLMM(pretrained=str(root / "missing"))
 
 
-@pytest.mark.parametrize("backbone", ["emu3", "janus", "chameleon", "showo"])
+@pytest.mark.parametrize("backbone", ["emu3", "janus", "chameleon", "showo", "liquid"])
 def test_every_adapter_answers_both_request_kinds(backbone, tmp_path):
     """Understanding and likelihood requests on each adapter, from its saved folder (Janus
     reads pixels, the others codes)."""

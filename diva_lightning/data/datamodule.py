@@ -147,6 +147,7 @@ class DualFlowDataModule(L.LightningDataModule):
         self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
         self.backbone_needs_pixels = False
+        self.image_preprocess = None  # the backbone's (bind_backbone)
         self.shards: dict[str, list[str]] = {}
         self.split_uses_codes: dict[str, bool] = {}
         self.skips = {split: SkipCounter() for split in SPLITS}
@@ -169,6 +170,7 @@ class DualFlowDataModule(L.LightningDataModule):
                 )
             setattr(self, name, value)
         self.backbone_needs_pixels = bool(adapter.needs_pixels_for_understanding)
+        self.image_preprocess = getattr(adapter, "image_preprocess", None)
         self.split_uses_codes.clear()  # re-probe with the new facts
         self._adapter = adapter
         for split in self.shards:
@@ -283,6 +285,7 @@ class DualFlowDataModule(L.LightningDataModule):
             use_codes=uses_codes,
             decode_pixels=not uses_codes or keep,
             max_image_pixels=self.max_image_pixels,
+            preprocess=self.image_preprocess,
             min_image_side=self.min_image_side,
         )
 

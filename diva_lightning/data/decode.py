@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,10 +90,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_rgb(
-    data: bytes, max_pixels: int = 40_000_000, min_side: int = 8, draft: int | None = None
+    data: bytes,
+    max_pixels: int = 40_000_000,
+    min_side: int = 8,
+    draft: int | None = None,
+    convert: bool = True,
 ) -> Image.Image:
     """Image bytes -> checked, fully decoded RGB image. ``draft``: let a JPEG decode at a reduced
-    DCT scale whose sides stay >= ``draft`` (much faster for large photos)."""
+    DCT scale whose sides stay >= ``draft`` (much faster for large photos). ``convert=False``
+    leaves the mode as decoded (for a backbone's own ``image_preprocess``)."""
     image = open_image(data, max_pixels, min_side)
     try:
         if draft is not None and image.format == "JPEG":
@@ -105,20 +110,36 @@ def decode_rgb(
     except Exception as exn:  # truncated data, broken chunks, bad EXIF ...
         raise SkipSample("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
     try:
-        return to_rgb(image)
+        return to_rgb(image) if convert else image
     except Exception as exn:
         raise SkipSample("other", f"cannot convert mode {image.mode} to RGB: {exn}") from exn
 
 
-def load_pixels(data: bytes, size: int, max_pixels: int = 40_000_000, min_side: int = 8) -> Tensor:
+def load_pixels(
+    data: bytes,
+    size: int,
+    max_pixels: int = 40_000_000,
+    min_side: int = 8,
+    preprocess: Callable[[Image.Image, int], Image.Image] | None = None,
+) -> Tensor:
     """Image bytes -> uint8 (3, size, size): checked, decoded, RGB, resized, centre-cropped."""
-    return image_pixels(decode_rgb(data, max_pixels, min_side, draft=size), size)
+    image = decode_rgb(data, max_pixels, min_side, draft=size, convert=preprocess is None)
+    return image_pixels(image, size, preprocess)
 
 
-def image_pixels(image: Image.Image, size: int) -> Tensor:
+def image_pixels(
+    image: Image.Image,
+    size: int,
+    preprocess: Callable[[Image.Image, int], Image.Image] | None = None,
+) -> Tensor:
     """A decoded image -> uint8 (3, size, size): RGB, shorter side resized, centre-cropped (the
-    training data's own preprocessing, also used for images handed in at evaluation)."""
-    image = ImageOps.fit(to_rgb(image), (size, size), Image.Resampling.BICUBIC)
+    training data's own preprocessing, also used for images handed in at evaluation), or the
+    backbone's own ``preprocess`` (its ``image_preprocess``: PIL image, size -> RGB size x size,
+    e.g. Liquid's transparency rule and pad to a square)."""
+    if preprocess is not None:
+        image = preprocess(image, size)
+    else:
+        image = ImageOps.fit(to_rgb(image), (size, size), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, S, S)
 
@@ -223,6 +244,7 @@ class SampleDecoder:
     decode_pixels: bool = True
     max_image_pixels: int = 40_000_000
     min_image_side: int = 8
+    preprocess: Callable[[Image.Image, int], Image.Image] | None = None  # the backbone's
 
     def __call__(self, sample: dict) -> dict:
         check_member_names(sample, (self.caption_key, "json", CODES_KEY, *self.image_keys))
@@ -237,7 +259,7 @@ class SampleDecoder:
             if image_key is None:
                 raise SkipSample("missing_image", f"none of {list(self.image_keys)} present")
             size, ceiling, side = self.image_size, self.max_image_pixels, self.min_image_side
-            pixels = load_pixels(sample[image_key], size, ceiling, side)
+            pixels = load_pixels(sample[image_key], size, ceiling, side, self.preprocess)
         key, url = sample.get("__key__"), sample.get("__url__")
         return {"key": key, "url": url, "caption": caption, "pixels": pixels, "codes": codes}
 

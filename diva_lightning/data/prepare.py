@@ -92,7 +92,11 @@ class _Writer:
     def add(self, sample: dict, ext: str) -> None:
         if self.backbone is None:
             return self._write(sample)
-        pixels = load_pixels(sample[ext], self.backbone.image_size)  # as the loader decodes
+        size, preprocess = (
+            self.backbone.image_size,
+            getattr(self.backbone, "image_preprocess", None),
+        )
+        pixels = load_pixels(sample[ext], size, preprocess=preprocess)  # as the loader decodes
         self.pending.append((sample, pixels))
         if len(self.pending) >= self.batch_size:
             self.flush()

@@ -23,8 +23,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from diva_lightning.backbones.base import IGNORE_INDEX, BackboneAdapter
+from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.backbones.flows import IGNORE_INDEX
 
 
 def _device(adapter: BackboneAdapter) -> torch.device:
@@ -124,8 +126,13 @@ def maskgit_generate(
     temperature: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     cfg_scale: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Tensor:
     """Image codes (B, N) for ``captions``; greedy when ``temperature`` is 0.
+
+    ``top_k`` (0: off) / ``top_p`` (1: off): sampling keeps only the ``top_k`` most likely codes
+    / the smallest set whose probability reaches ``top_p`` (transformers' logits warpers).
 
     ``generator``: one for the batch, or one per caption (then an image depends only on its own
     seed, not on the batch it is in). ``cfg_scale`` != 1: classifier-free guidance,
@@ -133,6 +140,10 @@ def maskgit_generate(
     an empty caption."""
     if order not in ("confidence", "raster"):
         raise ValueError(f"order must be 'confidence' or 'raster', got {order!r}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {top_k} and {top_p}")
+    warpers = [TopKLogitsWarper(top_k)] if top_k > 0 else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
     n, device = adapter.tokens_per_image, _device(adapter)
     steps = n if order == "raster" else steps
     codes = torch.zeros(len(captions), n, dtype=torch.long)
@@ -150,7 +161,10 @@ def maskgit_generate(
             where = masked[i].nonzero().flatten()  # grid index of each slot, row-major
             probs = logits[i, : len(where)].softmax(-1)  # (M, K)
             if temperature > 0:
-                scaled = (logits[i, : len(where)] / temperature).softmax(-1)
+                scores = logits[i, : len(where)] / temperature  # (M, K)
+                for warper in warpers:
+                    scores = warper(None, scores)
+                scaled = scores.softmax(-1)
                 picked = torch.multinomial(scaled, 1, generator=generator).squeeze(-1)
             else:
                 picked = probs.argmax(-1)

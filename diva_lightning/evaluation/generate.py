@@ -88,9 +88,8 @@ def read_prompts(path: str | Path, format: str = "auto") -> list[Prompt]:
 
 
 def _png(image: torch.Tensor) -> Image.Image:
-    """(3, S, S) in [0, 1] -> PIL."""
-    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
+    """uint8 (S, S, 3) -> PIL."""
+    return Image.fromarray(image.cpu().numpy())
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -108,7 +107,7 @@ def _write_prompt(out: Path, layout: str, prompt: Prompt, images: torch.Tensor) 
         for j, image in enumerate(images):
             _save(_png(image), folder / "samples" / f"{j:04d}.png")
     else:  # dpg: a 2 x 2 grid of tiles, filled row by row
-        size = images.shape[-1]
+        size = images.shape[-2]
         grid = Image.new("RGB", (2 * size, 2 * size)) if len(images) > 1 else None
         for j, image in enumerate(images):
             if grid is None:
@@ -121,13 +120,14 @@ def _write_prompt(out: Path, layout: str, prompt: Prompt, images: torch.Tensor) 
 
 def generate(*, pretrained: Path, backbone: str, prompts: Path, out: Path, format: str = "auto",
              layout: str = "geneval", n: int = 4, seed: int = 0, cfg_scale: float = 1.0,
-             steps: int = 16, temperature: float = 1.0, batch_size: int = 8,
-             device: str = "cpu") -> Path:  # fmt: skip
+             steps: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             batch_size: int = 8, device: str = "cpu") -> Path:  # fmt: skip
     """Generate ``n`` images per prompt with a (post-trained) backbone.
 
     Args:
         pretrained: a folder written by ``diva-cli export`` (an adapter's ``save_pretrained``).
-        backbone: ``emu3``, ``janus``, ``chameleon``, ``showo`` or an adapter's class path.
+        backbone: ``emu3``, ``janus``, ``chameleon``, ``showo``, ``liquid`` or an adapter's
+            class path.
         prompts: GenEval metadata JSONL, DPG-Bench prompt folder, or a text file.
         out: output folder; a folder of another run (other settings) is refused.
         format: ``auto``, ``geneval``, ``dpg`` or ``text``.
@@ -137,6 +137,9 @@ def generate(*, pretrained: Path, backbone: str, prompts: Path, out: Path, forma
         cfg_scale: classifier-free guidance scale (1: none).
         steps: MaskGIT steps (bidirectional backbones; raster order takes one per code).
         temperature: sampling temperature (0: greedy, the same image ``n`` times).
+        top_k: sample among the ``top_k`` most likely codes only (0: all).
+        top_p: sample among the smallest set of codes whose probability reaches ``top_p``
+            (nucleus sampling; 1: all).
         batch_size: images per forward pass.
         device: ``cpu``, ``cuda``, ``cuda:1`` ...
     """
@@ -153,7 +156,7 @@ def generate(*, pretrained: Path, backbone: str, prompts: Path, out: Path, forma
     out = Path(out)
     settings = {"pretrained": str(pretrained), "backbone": backbone, "prompts": str(prompts),
                 "layout": layout, "n": n, "seed": seed, "cfg_scale": cfg_scale, "steps": steps,
-                "temperature": temperature}  # fmt: skip
+                "temperature": temperature, "top_k": top_k, "top_p": top_p}  # fmt: skip
     run_file = out / "run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != settings:
         raise FileExistsError(f"{out} holds a run with other settings ({run_file}): give "
@@ -173,9 +176,10 @@ def generate(*, pretrained: Path, backbone: str, prompts: Path, out: Path, forma
             codes = maskgit_generate(
                 adapter, [p.text for _, p, _ in chunk], steps=steps,
                 order=adapter.generation_order, temperature=temperature, cfg_scale=cfg_scale,
+                top_k=top_k, top_p=top_p,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],
             )  # fmt: skip
-            pixels = adapter.decode_images(codes.to(device)).cpu()  # (B, 3, S, S)
+            pixels = adapter.to_uint8(adapter.decode_images(codes.to(device))).cpu()  # (B, S, S, 3)
             for (i, prompt, j), image in zip(chunk, pixels, strict=True):
                 images.setdefault(prompt.id, []).append(image)
                 if j == n - 1:  # the prompt's last image: write it whole, then its record

@@ -11,7 +11,7 @@ model is lmms-eval's "simple" kind, so multiple-choice and log-likelihood tasks 
 ``model_args``:
 
 * ``pretrained``: a folder written by ``diva-cli export`` (or any adapter's ``save_pretrained``);
-* ``backbone``: ``emu3``, ``janus``, ``chameleon``, ``showo`` or an adapter's class path;
+* ``backbone``: ``emu3``, ``janus``, ``chameleon``, ``showo``, ``liquid`` or an adapter's class path;
 * ``mode``: as lmms-eval's unified models (its Bagel model): ``understanding`` answers with text;
   ``generate`` turns each request's text into an image through the generation flow, saves it
   under ``output_dir`` and answers ``{"text": "", "images": [path]}`` as Bagel does;
@@ -84,7 +84,8 @@ class DivaLMM(lmms):
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
         if not visuals:
             raise ValueError(f"diva model: {task} document {doc_id} has no image")
-        return image_pixels(visuals[0], self.adapter.image_size).float() / 255.0
+        size, preprocess = self.adapter.image_size, self.adapter.image_preprocess
+        return image_pixels(visuals[0], size, preprocess).float() / 255.0
 
     def _understanding_inputs(self, requests: list[Instance]) -> dict:
         pixels = torch.stack([self._image(r) for r in requests]).to(self._device)  # (B, 3, S, S)
