@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from diva_lightning.backbones.showo.checkpoint import infer_magvit_config
-from diva_lightning.backbones.showo.magvitv2 import (
-    AttnBlock,
-    CoderConfig,
-    Downsample,
-    LFQuantizer,
-    MAGVITv2,
-    ResnetBlock,
-)
+from diva_lightning.backbones.showo.magvitv2 import CoderConfig, LFQuantizer, MAGVITv2
+from diva_lightning.backbones.vq_blocks import AttnBlock, Downsample, ResnetBlock
 
 # level 0 runs at 16 px and has attention after each of its two blocks; level 1 changes channels
 ATTN_CODER = dict(

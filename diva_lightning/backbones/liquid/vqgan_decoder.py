@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from diva_lightning.backbones.showo.magvitv2 import (
+from diva_lightning.backbones.vq_blocks import (
     AttnBlock,
     ResnetBlock,
     Upsample,
