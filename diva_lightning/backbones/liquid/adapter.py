@@ -107,7 +107,8 @@ class LiquidAdapter(BackboneAdapter):
             self.vqgan = _load_vqgan(vqgan_path or folder)
         else:
             self._build_tiny(dict(config_overrides or {}), vqgan_path)
-        self.code_offset = int(code_offset or saved.get("code_offset") or len(self.tokenizer))
+        offsets = (code_offset, saved.get("code_offset"), len(self.tokenizer))
+        self.code_offset = int(next(o for o in offsets if o is not None))
         self.mask_token = mask_token or saved.get("mask_token") or self.preset.mask_token
         codes = self.code_offset + torch.arange(self.vqgan.codebook_size)
         if int(codes[-1]) >= self.text_vocab_size:
