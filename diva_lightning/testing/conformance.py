@@ -113,7 +113,10 @@ class AdapterConformance:
     # ---- the contract ---------------------------------------------------------------------------
     def test_understanding_labels_only_on_the_answer(self, adapter, pixels, codes):
         batch = self.batch(adapter, "U", pixels, codes)
+        image_ids = self.image_input_ids(adapter, codes)  # (B, N) or None
         for i, caption in enumerate(self.captions):
+            if image_ids is not None:  # the image sits at image_positions, in grid order
+                assert torch.equal(batch.input_ids[i, batch.image_positions[i]], image_ids[i])
             expected = self.answer_ids(adapter, self.prompts[i], caption)
             labelled = torch.nonzero(batch.labels[i] != IGNORE_INDEX).flatten()
             assert batch.labels[i, labelled].tolist() == expected
