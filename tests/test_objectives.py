@@ -116,6 +116,56 @@ def test_injected_loss_broadcasts_bias_over_positions_and_averages_layers():
     torch.testing.assert_close(injected_loss(logits, targets, bias_u), native)
 
 
+def _saved_bytes(fn, *args):
+    """Bytes the autograd graph keeps for backward while ``fn`` runs (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(seen.values())
+
+
+def test_injected_loss_memory_does_not_grow_with_layer_count():
+    """L copies of (B, S, V) logits must never be held for backward at once (issue 21)."""
+    torch.manual_seed(0)
+    b, s, v = 2, 16, 512
+    logits = torch.randn(b, s, v)  # (B, S, V), from the frozen backbone: no grad
+    targets = torch.randint(0, v, (b, s))
+    one_layer = b * s * v * 4  # one float (B, S, V) copy
+    saved = {}
+    for layers in (2, 11):
+        bias = torch.randn(b, layers, v, requires_grad=True)  # (B, L, V)
+        loss, saved[layers] = _saved_bytes(injected_loss, logits, targets, bias)
+        loss.backward()
+    assert saved[11] - saved[2] < one_layer, saved
+
+
+def test_injected_loss_chunked_equals_unchunked_values_and_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 33, requires_grad=True)  # (B, S, V)
+    targets = torch.randint(0, 33, (3, 7))
+    targets[2, 4:] = -100
+    bias = torch.randn(3, 6, 33, requires_grad=True)  # (B, L, V)
+    manual = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(
+                (logits + bias[:, layer, None]).flatten(0, 1), targets.flatten()
+            )
+            for layer in range(6)
+        ]
+    ).mean()
+    grads_manual = torch.autograd.grad(manual, (logits, bias))
+    loss = injected_loss(logits, targets, bias)
+    grads = torch.autograd.grad(loss, (logits, bias))
+    torch.testing.assert_close(loss, manual, atol=1e-6, rtol=0)
+    for got, want in zip(grads, grads_manual, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_orthogonality_is_batch_normalised_frobenius():
     torch.manual_seed(0)
     zs, zu = torch.randn(8, 2, 4), torch.randn(8, 2, 3)

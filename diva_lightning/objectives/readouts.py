@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diva_lightning.backbones.flows import supervised_cross_entropy
 from diva_lightning.objectives.encoders import Factors
@@ -84,16 +85,30 @@ class LogitInjection(nn.Module):
         return bias_u, bias_g
 
 
+def _layer_loss(logits: Tensor, targets: Tensor, layer_bias: Tensor) -> Tensor:
+    """One middle layer's native loss on injected logits. layer_bias (B, V)."""
+    return supervised_cross_entropy(logits + layer_bias[:, None, :].to(logits.dtype), targets)
+
+
 def injected_loss(logits: Tensor, targets: Tensor, bias: Tensor) -> Tensor:
     """Native loss on injected logits, averaged over layers (Eq. 8).
 
     logits (B, S, V) at supervised slots, targets (B, S), bias (B, L, V) one per middle layer.
-    Loops over layers so at most one ``(B, S, V)`` temporary exists at a time.
+
+    Memory: each layer's loss runs under ``torch.utils.checkpoint``, so autograd keeps only its
+    inputs (the shared logits and a ``(B, V)`` bias row) and recomputes the ``(B, S, V)``
+    injected logits and their softmax layer by layer in backward. Without it the graph holds L
+    float copies of ``(B, S, V)`` at once: at Show-o's 58,498 or Liquid's ~264K vocabulary and
+    the paper's 11 middle layers that, not the encoders, is stage 1's peak. Values and gradients
+    equal the plain computation (tests: to 1e-6).
     """
     if bias.shape[0] != logits.shape[0] or bias.shape[-1] != logits.shape[-1]:
         raise ValueError(f"bias {tuple(bias.shape)} does not fit logits {tuple(logits.shape)}")
+    needs_grad = torch.is_grad_enabled() and (logits.requires_grad or bias.requires_grad)
     losses = [
-        supervised_cross_entropy(logits + bias[:, layer, None, :].to(logits.dtype), targets)
+        checkpoint(_layer_loss, logits, targets, bias[:, layer], use_reentrant=False)
+        if needs_grad
+        else _layer_loss(logits, targets, bias[:, layer])
         for layer in range(bias.shape[1])
     ]
     return torch.stack(losses).mean()
