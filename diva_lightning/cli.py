@@ -4,6 +4,7 @@
     diva-cli prepare --help                            # image folder or synthetic world -> shards
     diva-cli analyze --out runs/analyze                 # Sec. 2 divergence curves, Fig. 2 plots
     diva-cli export --run_config RUN.yaml --checkpoint X.ckpt --out DIR
+    diva-cli plan --config configs/showo/stage2.yaml   # per-GPU memory, before any weight loads
     diva-cli generate --pretrained DIR --backbone showo --prompts P --out OUT   # GenEval / DPG
 
 Stages and backbones are chosen by ``class_path`` in the YAML (``model:`` and
@@ -19,7 +20,7 @@ from diva_lightning.lightning_cli import DivaCLI, build_cli
 
 __all__ = ["DivaCLI", "build_cli", "main"]
 
-TOOLS = ("prepare", "export", "analyze", "generate")
+TOOLS = ("prepare", "export", "analyze", "generate", "plan")
 
 
 def _run_tool(name: str, args: list[str]) -> None:
@@ -37,6 +38,10 @@ def _run_tool(name: str, args: list[str]) -> None:
         from diva_lightning.export import export
 
         auto_cli(export, args=args)
+    elif name == "plan":
+        from diva_lightning.planning.tool import main as plan
+
+        plan(args)
     elif name == "generate":
         from diva_lightning.evaluation.generate import generate
 

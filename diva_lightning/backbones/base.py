@@ -436,11 +436,20 @@ class BackboneAdapter(nn.Module, abc.ABC):
         return self
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Turn activation checkpointing of the wrapped transformers model on or off."""
+        """Turn activation checkpointing of the wrapped transformers model on or off.
+
+        transformers also makes the embedding output require grad (a need of reentrant
+        checkpointing and of PEFT), which here would make every frozen block below the trainable
+        ones keep its input and run again in backward; non-reentrant checkpointing does not
+        need it, so the hook is removed.
+        """
         if enabled:
             self.model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
+            for module in self.model.modules():
+                if hasattr(module, "_require_grads_hook"):
+                    module.disable_input_require_grads()
         else:
             self.model.activation_checkpointing_disable()
 
