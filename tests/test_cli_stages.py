@@ -264,3 +264,14 @@ def test_stage1_and_sft_run_on_other_backbones(backbone, shards, tmp_path):
     cli, changed = run([*fit_args("sft", shards, tmp_path / "sft"), *swap])
     assert {k for k in changed if k.startswith("backbone.")}
     assert_logged_finite(cli, ["train/loss_und", "train/loss_gen"])
+
+
+def test_training_streams_shards_through_pipe_commands_and_counts_a_failing_one(shards, tmp_path):
+    """``pipe:`` URLs go to WebDataset; a stream whose command fails is a counted
+    ``stream_error``, and training goes on with the other streams."""
+    good = sorted((shards / "train").glob("*.tar"))[0]  # 12 samples: a pass is < 4 steps
+    urls = f"[pipe:cat {good}, pipe:cat {tmp_path}/missing-shard.tar]"
+    args = fit_args("sft", shards, tmp_path, f"--data.init_args.train_shards={urls}")
+    cli, changed = run(args)
+    assert cli.trainer.global_step == 4 and changed
+    assert cli.datamodule.skips["train"].as_dict().get("stream_error", 0) >= 1

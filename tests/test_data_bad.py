@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +117,47 @@ def test_training_worker_with_only_bad_data_raises_instead_of_spinning(tmp_path)
     dm = module(train=str(shard), samples_per_epoch=8)
     with pytest.raises(RuntimeError, match="gave no valid sample"):
         next(iter(dm.make_loader("train")))
+
+
+def _good_shards(tmp_path, n=2):
+    noise = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    good = [
+        {"__key__": f"s{i}", "png": encode(Image.fromarray(noise[i])), "txt": "a red square."}
+        for i in range(3)
+    ]
+    return [write_tar(tmp_path / f"full{k}.tar", good) for k in range(n)]
+
+
+def test_a_failing_stream_is_counted_as_a_stream_error_and_reading_goes_on(tmp_path):
+    first, second = _good_shards(tmp_path)
+    broken = f"pipe:cat {tmp_path}/gone.tar"  # the command exits 1
+    dm = module(val=[f"pipe:cat {first}", broken, f"pipe:cat {second}"])
+    _, keys = read_val(dm)
+    assert keys == ["s0", "s1", "s2"] * 2
+    assert dm.skips["val"].as_dict() == {"stream_error": 1}
+    assert "gone.tar" in dm.skips["val"].summary()
+
+
+def test_a_stalled_stream_times_out_instead_of_hanging_the_rank(tmp_path):
+    (good,) = _good_shards(tmp_path, 1)
+    dm = module(val=["pipe:sleep 600", f"pipe:cat {good}"], stream_timeout=2)
+    started = time.monotonic()
+    _, keys = read_val(dm)
+    assert time.monotonic() - started < 60
+    assert keys == ["s0", "s1", "s2"]
+    assert dm.skips["val"].as_dict() == {"stream_error": 1}
+
+
+def test_streams_are_bounded_and_local_paths_left_alone():
+    from diva_lightning.data.shards import bounded_stream
+
+    assert bounded_stream("data/shard-000000.tar", 5) == "data/shard-000000.tar"
+    web = bounded_stream("https://host/shard 1.tar", 5)
+    assert (
+        web.startswith("pipe:curl ")
+        and "--max-time 5" in web
+        and "'https://host/shard 1.tar'" in web
+    )
+    assert bounded_stream("pipe:aws s3 cp s3://b/s.tar -", 5) == (
+        "pipe:timeout -k 10 5 sh -c 'aws s3 cp s3://b/s.tar -'"
+    )

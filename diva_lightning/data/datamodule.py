@@ -44,6 +44,9 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 SPLITS = ("train", "val")
 
 
+PROBED_SHARDS = 3  # shards tried for a first sample before the codes decision
+
+
 class DualFlowDataModule(L.LightningDataModule):
     """Dual-flow batches from WebDataset shards.
 
@@ -78,6 +81,8 @@ class DualFlowDataModule(L.LightningDataModule):
         skip_check_after: ... once this many samples (kept + skipped) were seen.
         persistent_workers: keep workers (and the training stream) alive across epochs.
         pin_memory: pin host memory of batches.
+        stream_timeout: seconds a streamed shard (``pipe:`` command, ``http(s)://`` URL) may
+            take; a stalled or failed stream is cut, counted as ``stream_error`` and skipped.
         synthetic_samples: when set and ``train_shards`` is None, or is ``synthetic_dir/train``
             itself and holds no shard yet, write this many shapes-world samples there on first
             use (``prepare_data``, local rank 0) and train on them (the embedded default). Any
@@ -119,6 +124,7 @@ class DualFlowDataModule(L.LightningDataModule):
         skip_check_after: int = 1000,
         persistent_workers: bool = True,
         pin_memory: bool = False,
+        stream_timeout: float = 1800.0,
         synthetic_samples: int | None = None,
         synthetic_val_samples: int = 64,
         synthetic_dir: str = "data/shapes",
@@ -146,6 +152,9 @@ class DualFlowDataModule(L.LightningDataModule):
         self.max_image_pixels, self.min_image_side = max_image_pixels, min_image_side
         self.max_skip_fraction, self.skip_check_after = max_skip_fraction, skip_check_after
         self.persistent_workers, self.pin_memory = persistent_workers, pin_memory
+        if stream_timeout <= 0:
+            raise ValueError(f"stream_timeout must be > 0 seconds, got {stream_timeout}")
+        self.stream_timeout = stream_timeout
         self.backbone_needs_pixels = False
         self.image_preprocess = None  # the backbone's (bind_backbone)
         self.shards: dict[str, list[str]] = {}
@@ -216,7 +225,7 @@ class DualFlowDataModule(L.LightningDataModule):
         if split == "val" and pattern is None:
             return None  # no validation asked for
         target = Path(self.synthetic_dir) / split
-        if pattern is not None and Path(pattern) != target:
+        if pattern is not None and (not isinstance(pattern, str) or Path(pattern) != target):
             return None  # the user's own shards: a pattern that matches nothing is an error
         if pattern is not None and any_shard_exists(pattern):
             return None
@@ -241,8 +250,11 @@ class DualFlowDataModule(L.LightningDataModule):
         if split in self.split_uses_codes:
             return self.split_uses_codes[split]
         _, grid = self._require_facts()
-        url = self.shards[split][0]
-        sample = probe_first_sample(url) or {}
+        # the first shard that yields a sample among the first few (one may be broken or stall)
+        for url in self.shards[split][:PROBED_SHARDS]:
+            sample = probe_first_sample(url, self.stream_timeout) or {}
+            if sample:
+                break
         has_codes = CODES_KEY in sample
         if self.use_codes and sample and not has_codes:
             raise ValueError(f"{split}_shards: use_codes=True but {url} has no {CODES_KEY}")
@@ -306,6 +318,7 @@ class DualFlowDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             batches_per_worker=self.batches_per_worker(world_size) if train else None,
             num_workers=workers,
+            stream_timeout=self.stream_timeout,
         )
         ratio_min, ratio_max, pattern = self.mask
         assembler = BatchAssembler(

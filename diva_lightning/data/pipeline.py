@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from diva_lightning.data.decode import SampleDecoder, decode_stream
-from diva_lightning.data.shards import split_shards
+from diva_lightning.data.shards import bounded_stream, split_shards
 from diva_lightning.data.skips import MemberNames, SkipCounter, TarErrorHandler
 
 
@@ -105,6 +105,7 @@ class ShardPipeline(IterableDataset):
         shuffle_buffer: samples in the shuffle buffer (train; 0 or 1 = no shuffle).
         batches_per_worker: batches each worker yields per epoch (train).
         num_workers: DataLoader workers (only for ``__len__``).
+        stream_timeout: seconds a streamed shard may take (``shards.bounded_stream``).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class ShardPipeline(IterableDataset):
         shuffle_buffer: int = 0,
         batches_per_worker: int | None = None,
         num_workers: int = 0,
+        stream_timeout: float | None = None,
     ):
         super().__init__()
         if train and not batches_per_worker:
@@ -126,7 +128,7 @@ class ShardPipeline(IterableDataset):
         self.shards, self.decoder, self.batch_size = list(shards), decoder, batch_size
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
         self.shuffle_buffer, self.batches_per_worker = shuffle_buffer, batches_per_worker
-        self.num_workers = num_workers
+        self.num_workers, self.stream_timeout = num_workers, stream_timeout
         self.counter = SkipCounter()  # this process's copy; drained into every batch
         self.epoch = 0
         self._stream: Iterator[dict] | None = None
@@ -165,7 +167,7 @@ class ShardPipeline(IterableDataset):
     def _announce(self, urls: Sequence[str]) -> Iterator[dict]:
         for url in urls:
             self._current["url"] = url  # tar errors without a url are attributed to it
-            yield {"url": url}
+            yield {"url": bounded_stream(url, self.stream_timeout)}
 
     def _worker_summary(self) -> str:
         pending = SkipCounter()

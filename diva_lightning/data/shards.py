@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,23 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".t
 
 def _is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES) or "://" in url
+
+
+def bounded_stream(url: str, timeout: float | None) -> str:
+    """``url`` as WebDataset should open it so that it cannot stall a rank: a ``pipe:`` command
+    runs under coreutils ``timeout`` (killed 10 s after the TERM), an ``http(s)://`` URL
+    through ``curl`` with ``--max-time`` (WebDataset's own curl has retries but no overall
+    limit). A stream cut this way exits non-zero and is counted as a ``stream_error``. Object
+    stores are read through a ``pipe:`` command (``pipe:aws s3 cp s3://bucket/shard.tar -``)."""
+    if timeout is None:
+        return url
+    seconds = f"{timeout:g}"
+    if url.startswith("pipe:"):
+        return f"pipe:timeout -k 10 {seconds} sh -c {shlex.quote(url[len('pipe:') :])}"
+    if url.startswith(("http://", "https://")):
+        return (f"pipe:curl --fail --silent --show-error --location --connect-timeout 30 "
+                f"--retry 3 --max-time {seconds} {shlex.quote(url)}")  # fmt: skip
+    return url
 
 
 def _expand_one(pattern: str, name: str) -> list[str]:
@@ -132,10 +150,12 @@ def split_shards(
     return list(shards)[rank::world_size][worker :: max(1, num_workers)]
 
 
-def probe_first_sample(url: str) -> dict | None:
-    """Raw members of the first sample of shard ``url`` (None if it yields none)."""
+def probe_first_sample(url: str, stream_timeout: float | None = None) -> dict | None:
+    """Raw members of the first sample of shard ``url`` (None if it yields none); a streamed
+    shard is bounded by ``stream_timeout`` like the loader's."""
     counter = SkipCounter()
-    samples = wds.tarfile_to_samples(handler=TarErrorHandler(counter))(iter([{"url": url}]))
+    opened = iter([{"url": bounded_stream(url, stream_timeout)}])
+    samples = wds.tarfile_to_samples(handler=TarErrorHandler(counter))(opened)
     try:
         return next(iter(samples), None)
     finally:

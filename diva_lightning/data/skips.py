@@ -32,6 +32,7 @@ REASONS = {
     "missing_shard": "the shard file does not exist (any more)",
     "shard_open_error": "the shard could not be opened",
     "bad_tar": "truncated or corrupt tar archive (samples before the damage are kept)",
+    "stream_error": "a streamed shard (pipe: command or URL) failed or timed out (samples read before are kept)",
     "duplicate_member": "two members with the same key and extension in one tar",
     "dotted_name": "member names with more dots than their extension (WebDataset keys end at the first dot)",
     "missing_image": "no image member in the sample",
@@ -56,7 +57,7 @@ REASONS = {
 # are reported apart and never enter the skipped fraction.
 EVENTS = frozenset(
     {"missing_shard", "shard_open_error", "bad_tar", "duplicate_member", "tar_error",
-     "unnamed_member"}
+     "unnamed_member", "stream_error"}
 )  # fmt: skip
 EXAMPLES_PER_REASON = 3
 
@@ -197,8 +198,11 @@ def exception_url(exn: BaseException) -> str | None:
     return None
 
 
-def classify_tar_error(exn: BaseException) -> str:
+def classify_tar_error(exn: BaseException, url: str | None = None) -> str:
     """Skip reason of an exception raised while opening / reading a tar shard."""
+    streamed = url is not None and (url.startswith("pipe:") or "://" in url)
+    if streamed and isinstance(exn, OSError) and not isinstance(exn, FileNotFoundError):
+        return "stream_error"  # WebDataset's Pipe: the command exited non-zero
     if isinstance(exn, FileNotFoundError):
         return "missing_shard"
     if isinstance(exn, tarfile.TarError | EOFError):
@@ -229,7 +233,8 @@ class TarErrorHandler:
         message = str(exn.args[0]) if exn.args else str(exn)
         inner = len(exn.args) == 1 and " @ " in message  # raised by tar_file_iterator
         url = self.current.get("url") or exception_url(exn)
-        self.counter.add(classify_tar_error(exn), None, url, f"{type(exn).__name__}: {message}")
+        reason = classify_tar_error(exn, url)
+        self.counter.add(reason, None, url, f"{type(exn).__name__}: {message}")
         return not inner
 
 
