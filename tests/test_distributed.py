@@ -206,3 +206,58 @@ def test_zero3_with_every_parameter_partitioned_trains_liquid(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = _scalars(tmp_path, "train/loss")
     assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
+
+
+def _launch(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "diva_lightning.cli", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(1200)
+def test_two_nodes_of_one_process_train_like_one_node_of_two(tmp_path):
+    """``num_nodes`` with the same DeepSpeed strategy: 2 "nodes" x 1 process on localhost (each
+    node a separate launch with its NODE_RANK, as SLURM or torchrun would start them) get the
+    same losses, step by step, as 1 node x 2 processes."""
+    from diva_lightning.data.prepare import prepare
+
+    prepare(str(tmp_path / "train"), synthetic=32, max_count=8, seed=0, quiet=True)
+    strategy = tmp_path / "strategy.yaml"
+    strategy.write_text(
+        "trainer:\n  strategy:\n    class_path: diva_lightning.strategies.CPUDeepSpeedStrategy\n"
+        "    init_args: {stage: 2, logging_batch_size_per_gpu: 2}\n"
+    )
+
+    def args(out: Path, devices: int, nodes: int) -> list[str]:
+        return [
+            "fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
+            "--config", "configs/tiny/sft.yaml", "--config", str(strategy),
+            f"--data.init_args.train_shards={tmp_path / 'train'}", "--data.init_args.val_shards=null",
+            "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
+            "--data.init_args.shuffle_buffer=0", f"--trainer.devices={devices}",
+            f"--trainer.num_nodes={nodes}", "--trainer.limit_val_batches=0",
+            "--trainer.max_steps=3", "--trainer.log_every_n_steps=1",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+        ]  # fmt: skip
+
+    one_node = _diva_cli(*args(tmp_path / "one", devices=2, nodes=1))
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    port = str(_free_port())
+    nodes = [
+        _launch(
+            args(tmp_path / "two", devices=1, nodes=2),
+            {"NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            tmp_path / f"node{rank}.log",
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=900) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    single, multi = (
+        _scalars(tmp_path / "one", "train/loss"),
+        _scalars(tmp_path / "two", "train/loss"),
+    )
+    assert sorted(single) == [0, 1, 2] and sorted(multi) == sorted(single)
+    for step in single:
+        assert multi[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), (step, single, multi)
