@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-data bench-mini bench-mini-v1 clean
+.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-fused bench-data bench-mini bench-mini-v1 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -48,13 +48,16 @@ demo: ## stage 1 then stage 2 on the embedded default (tiny Emu3, synthetic shar
 	@echo "stage-1 encoders:   runs/tiny/stage1/factor_encoders"
 	@echo "checkpoints:        runs/tiny/stage1/checkpoints, runs/tiny/stage2/checkpoints"
 
-bench: bench-stages bench-data ## every benchmark
+bench: bench-stages bench-fused bench-data ## every benchmark
 
 bench-stages: ## step time and peak memory: SFT vs stage 2 (online, EMA targets, balance cap), tiny and medium Show-o shapes
 	$(PY) benchmarks/bench_stages.py
 
 clean: ## remove caches and run outputs
 	rm -rf .cache .pytest_cache .ruff_cache runs
+
+bench-fused: ## fused flows (one forward of both flows) vs two forwards: step time, tiny and medium Emu3 shapes
+	$(PY) benchmarks/bench_fused.py
 
 bench-data: ## data loading samples/s: decoded-JPEG vs pre-tokenised shards (synthetic world)
 	$(PY) benchmarks/bench_data.py

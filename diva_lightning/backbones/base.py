@@ -40,23 +40,7 @@ from diva_lightning.backbones.flows import (
     shifted_slot_states,
     supervised_cross_entropy,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def local_checkpoint(path: str | Path, key: str = "pretrained_path") -> Path:
-    """``path`` as an existing local folder, else a ``FileNotFoundError`` naming ``key``.
-
-    Checked before ``transformers`` sees the value: it would read a missing folder as a hub id,
-    retry the network, and fail with an error that names neither the key nor the folder.
-    """
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{key}: '{path}' is not a local folder. Weights are read from a local checkpoint "
-            "folder only (nothing is downloaded): download it first, then give its path."
-        )
-    return folder
+from diva_lightning.backbones.loading import DTYPES, local_checkpoint
 
 
 class BackboneAdapter(nn.Module, abc.ABC):
@@ -367,15 +351,27 @@ class BackboneAdapter(nn.Module, abc.ABC):
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
         """Run the model on a U batch -> (logits (B, S, V_t), targets (B, S)). Default: a causal
         LM, the state at ``p - 1`` scores the token at ``p``."""
-        h, targets = shifted_slot_states(self._lm_hidden(batch), batch.labels)  # (B, S, D)
-        return self.model.get_output_embeddings()(h), targets  # (B, S, V_t)
+        return self._understanding_logits(self._lm_hidden(batch), batch)
 
     def _forward_generation(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
         """Run the model on a G batch -> (logits (B, S, K), targets (B, S) codes). Default: the
         LM head's rows of the image tokens, in codebook order (never the full vocabulary)."""
-        h, targets = shifted_slot_states(self._lm_hidden(batch), batch.labels)  # (B, S, D)
+        return self._generation_logits(self._lm_hidden(batch), batch)
+
+    def _understanding_logits(self, hidden: Tensor, batch: FlowBatch) -> tuple[Tensor, Tensor]:
+        h, targets = shifted_slot_states(hidden, batch.labels)  # (B, S, D)
+        return self.model.get_output_embeddings()(h), targets  # (B, S, V_t)
+
+    def _generation_logits(self, hidden: Tensor, batch: FlowBatch) -> tuple[Tensor, Tensor]:
+        h, targets = shifted_slot_states(hidden, batch.labels)  # (B, S, D)
         image_rows = self.model.get_output_embeddings().weight[self.image_token_ids]  # (K, D)
         return h @ image_rows.T, targets  # (B, S, K)
+
+    @property
+    def supports_fused_flows(self) -> bool:
+        """Token-id flows through the default causal forward: ``backbones.fused`` applies."""
+        own = ("_lm_hidden", "_forward_understanding", "_forward_generation")
+        return all(getattr(type(self), n) is getattr(BackboneAdapter, n) for n in own)
 
     def forward_flow(
         self,

@@ -16,10 +16,12 @@ from contextlib import nullcontext
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from diva_lightning.backbones.base import BackboneAdapter
 from diva_lightning.backbones.flows import FlowOutput
+from diva_lightning.backbones.fused import forward_fused
 from diva_lightning.backbones.replay import BlockCalls
 
 GEN_POOLINGS = ("all", "unmasked")
@@ -60,6 +62,8 @@ class DualFlowModule(L.LightningModule):
             visible ones; the masked slots hold mask tokens).
         decay_all_parameters: apply weight decay to every parameter. Default ``False``: biases,
             norm weights and embeddings get none (the authors' code; the paper only says 0.01).
+        fused_flows: run both flows as one forward of stacked rows where the backbone allows
+            it (``backbones.fused``; equal results; see ``make bench-stages`` for its speed).
 
     Stages expose ``loss_terms`` (the weighted terms whose sum the trainable model parameters
     follow) and ``term_groups`` for ``GradientBalance``.
@@ -80,6 +84,7 @@ class DualFlowModule(L.LightningModule):
         activation_checkpointing: bool = False,
         gen_pooling: str = "all",
         decay_all_parameters: bool = False,
+        fused_flows: bool = False,
     ):
         super().__init__()
         if gen_pooling not in GEN_POOLINGS:
@@ -97,6 +102,10 @@ class DualFlowModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.activation_checkpointing = activation_checkpointing
         self.gen_pooling, self.decay_all_parameters = gen_pooling, decay_all_parameters
+        self.fused_flows = fused_flows and backbone.supports_fused_flows
+        if fused_flows and not self.fused_flows:
+            rank_zero_warn(f"fused_flows: {type(backbone).__name__} cannot fuse its flows "
+                           "(supports_fused_flows); running two forwards")  # fmt: skip
         self.nonfinite_steps = 0
         self._last_batch_end: float | None = None
 
@@ -128,6 +137,13 @@ class DualFlowModule(L.LightningModule):
         flow_g = self.backbone.build_generation(batch.captions, codes, batch.gen_mask)
         flow_u, flow_g = flow_u.to(self.device), flow_g.to(self.device)
         pool_mask = self.gen_pool_mask(batch)
+        self._tokens_in_batch = int(flow_u.attention_mask.sum() + flow_g.attention_mask.sum())
+        if self.fused_flows:
+            out_u, out_g, recorded = forward_fused(
+                self.backbone, flow_u, flow_g, layers, pool, pool_mask, record
+            )
+            self.recorded = {"UG": recorded} if record else {}
+            return out_u, out_g
         blocks = self.backbone.decoder_layers
         calls = {f: BlockCalls(blocks, *record) if record else nullcontext() for f in "UG"}
         with calls["U"]:
@@ -140,7 +156,6 @@ class DualFlowModule(L.LightningModule):
                 "U": (calls["U"], flow_u.image_positions, None),
                 "G": (calls["G"], flow_g.image_positions, pool_mask),
             }
-        self._tokens_in_batch = int(flow_u.attention_mask.sum() + flow_g.attention_mask.sum())
         return out_u, out_g
 
     def gen_pool_mask(self, batch) -> Tensor | None:

@@ -31,6 +31,7 @@ class SFT(DualFlowModule):
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
         decay_all_parameters: bool = False,
+        fused_flows: bool = False,
     ):
         super().__init__(
             backbone,
@@ -43,6 +44,7 @@ class SFT(DualFlowModule):
             max_nonfinite_steps=max_nonfinite_steps,
             activation_checkpointing=activation_checkpointing,
             decay_all_parameters=decay_all_parameters,
+            fused_flows=fused_flows,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.trainable_range = tuple(trainable_layers or middle_layers)

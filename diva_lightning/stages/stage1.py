@@ -77,6 +77,7 @@ class Stage1(DualFlowModule):
         tau: float = 0.07,
         gen_pooling: str = "all",
         decay_all_parameters: bool = False,
+        fused_flows: bool = False,
     ):
         super().__init__(
             backbone,
@@ -89,6 +90,7 @@ class Stage1(DualFlowModule):
             max_nonfinite_steps=max_nonfinite_steps,
             gen_pooling=gen_pooling,
             decay_all_parameters=decay_all_parameters,
+            fused_flows=fused_flows,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.encoders = FactorEncoders(

@@ -117,6 +117,7 @@ class Stage2(DualFlowModule):
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
         decay_all_parameters: bool = False,
+        fused_flows: bool = False,
         allow_encoder_transfer: bool = False,
     ):
         if stage1_encoders is None:
@@ -140,6 +141,7 @@ class Stage2(DualFlowModule):
             activation_checkpointing=activation_checkpointing,
             gen_pooling=trained_pooling,
             decay_all_parameters=decay_all_parameters,
+            fused_flows=fused_flows,
         )
         check_encoder_origin(config, stage1_encoders, type(backbone).__name__,
                              backbone.num_layers, self.layers, allow_encoder_transfer)  # fmt: skip
@@ -236,9 +238,16 @@ class Stage2(DualFlowModule):
         )
         pooled = {}
         with torch.no_grad(), self.ema.swapped_in(self, names), eval_mode([*running, *parts]):
+            if "UG" in self.recorded:  # fused flows: one replay of the stacked rows
+                calls, positions, mask = self.recorded["UG"]
+                both = torch.cat([out_u.hidden, out_g.hidden])  # (2B, L, D)
+                pooled["U"], pooled["G"] = self.teacher.pooled(both, calls, positions, mask).chunk(
+                    2
+                )
             for flow, out in (("U", out_u), ("G", out_g)):
                 calls, positions, mask = self.recorded.get(flow, (None, None, None))
-                pooled[flow] = self.teacher.pooled(out.hidden, calls, positions, mask)
+                if flow not in pooled:
+                    pooled[flow] = self.teacher.pooled(out.hidden, calls, positions, mask)
             return (
                 self.encoders.encode("U", "shared", pooled["U"].float()),
                 self.encoders.encode("G", "shared", pooled["G"].float()),

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from diva_lightning.backbones.base import BackboneAdapter, local_checkpoint
+from diva_lightning.backbones.base import BackboneAdapter
 from diva_lightning.backbones.flows import IGNORE_INDEX, FlowBatch, gather_slots, pad_positions
+from diva_lightning.backbones.loading import local_checkpoint
 from diva_lightning.backbones.showo import checkpoint as ckpt
 from diva_lightning.backbones.showo.magvitv2 import MAGVITv2
 from diva_lightning.backbones.showo.masks import (
