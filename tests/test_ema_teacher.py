@@ -102,8 +102,10 @@ def test_no_gradient_reaches_the_teacher(tmp_path):
     assert all(not v.requires_grad and v.grad is None for v in ema.shadow.values())
 
 
-def test_teacher_runs_no_block_outside_first_trainable_to_last_middle(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-forwards", "fused"])
+def test_teacher_runs_no_block_outside_first_trainable_to_last_middle(tmp_path, fused):
     module, _ = stage2_with_drifted_ema(Emu3Adapter, tmp_path)  # middle 3..6, trainable 4..7
+    module.fused_flows = fused
     batch = batch_for(module.backbone)
     out_u, out_g = module.run_flows(batch, module.layers, record=module.teacher.block_range)
     called = []
@@ -114,7 +116,8 @@ def test_teacher_runs_no_block_outside_first_trainable_to_last_middle(tmp_path):
     module.teacher_targets(out_u, out_g)
     for handle in handles:
         handle.remove()
-    assert called == [4, 5, 6, 4, 5, 6]  # both flows; never 1..3 (shared) or 7..8 (unused)
+    # each flow (fused: both in one replay); never 1..3 (shared) or 7..8 (unused)
+    assert called == ([4, 5, 6] if fused else [4, 5, 6, 4, 5, 6])
 
 
 def _fit_losses(tmp_path, targets, decay, steps=4):

@@ -62,8 +62,11 @@ class DualFlowModule(L.LightningModule):
             visible ones; the masked slots hold mask tokens).
         decay_all_parameters: apply weight decay to every parameter. Default ``False``: biases,
             norm weights and embeddings get none (the authors' code; the paper only says 0.01).
-        fused_flows: run both flows as one forward of stacked rows where the backbone allows
-            it (``backbones.fused``; equal results; see ``make bench-stages`` for its speed).
+        fused_flows: run both flows as one forward of stacked rows (``backbones.fused``;
+            results equal to two forwards). ``None`` (default): wherever the backbone allows
+            it, measured 0.90-1.00x the step time of two forwards on CPU (``make
+            bench-fused``); ``True``: the same, with a warning where it cannot; ``False``: two
+            forwards.
 
     Stages expose ``loss_terms`` (the weighted terms whose sum the trainable model parameters
     follow) and ``term_groups`` for ``GradientBalance``.
@@ -84,7 +87,7 @@ class DualFlowModule(L.LightningModule):
         activation_checkpointing: bool = False,
         gen_pooling: str = "all",
         decay_all_parameters: bool = False,
-        fused_flows: bool = False,
+        fused_flows: bool | None = None,
     ):
         super().__init__()
         if gen_pooling not in GEN_POOLINGS:
@@ -102,7 +105,7 @@ class DualFlowModule(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.activation_checkpointing = activation_checkpointing
         self.gen_pooling, self.decay_all_parameters = gen_pooling, decay_all_parameters
-        self.fused_flows = fused_flows and backbone.supports_fused_flows
+        self.fused_flows = fused_flows is not False and backbone.supports_fused_flows
         if fused_flows and not self.fused_flows:
             rank_zero_warn(f"fused_flows: {type(backbone).__name__} cannot fuse its flows "
                            "(supports_fused_flows); running two forwards")  # fmt: skip

@@ -31,7 +31,7 @@ class SFT(DualFlowModule):
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
         decay_all_parameters: bool = False,
-        fused_flows: bool = False,
+        fused_flows: bool | None = None,
     ):
         super().__init__(
             backbone,

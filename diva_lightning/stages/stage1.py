@@ -77,7 +77,7 @@ class Stage1(DualFlowModule):
         tau: float = 0.07,
         gen_pooling: str = "all",
         decay_all_parameters: bool = False,
-        fused_flows: bool = False,
+        fused_flows: bool | None = None,
     ):
         super().__init__(
             backbone,

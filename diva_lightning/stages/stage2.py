@@ -117,7 +117,7 @@ class Stage2(DualFlowModule):
         max_nonfinite_steps: int = 10,
         activation_checkpointing: bool = False,
         decay_all_parameters: bool = False,
-        fused_flows: bool = False,
+        fused_flows: bool | None = None,
         allow_encoder_transfer: bool = False,
     ):
         if stage1_encoders is None:
