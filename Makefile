@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-fused bench-data bench-mini bench-mini-v1 clean
+.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-fused bench-gpu bench-data bench-mini bench-mini-v1 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ clean: ## remove caches and run outputs
 
 bench-fused: ## fused flows (one forward of both flows) vs two forwards: step time, tiny and medium Emu3 shapes
 	$(PY) benchmarks/bench_fused.py
+
+bench-gpu: ## on a CUDA GPU: stage 2 vs SFT on a Show-o-1.5B shape (tokens/s, MFU, peak memory) and a ZeRO-2 run capped at 24 GiB
+	$(PY) benchmarks/bench_gpu.py --capped
 
 bench-data: ## data loading samples/s: decoded-JPEG vs pre-tokenised shards (synthetic world)
 	$(PY) benchmarks/bench_data.py
