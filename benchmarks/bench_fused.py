@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from common import OnlineAsEMA, random_encoders, synthetic_batch
 
 SHAPES = {
     "tiny": {"batch": 8, "middle": (3, 6), "text": {}, "image_size": 32},
@@ -37,11 +38,8 @@ ARMS = ("sft", "ema")
 
 def build(shape: str, arm: str):
     import torch
-    from bench_stages import synthetic_batch  # this folder is on sys.path when run as a script
 
     from diva_lightning.backbones.emu3 import Emu3Adapter
-    from diva_lightning.objectives import FactorEncoders
-    from diva_lightning.objectives.checkpoint import factor_config, save_factor_encoders
     from diva_lightning.stages import SFT, Stage2
 
     spec = SHAPES[shape]
@@ -51,29 +49,13 @@ def build(shape: str, arm: str):
     if arm == "sft":
         module = SFT(backbone, middle_layers=middle, trainable_layers=middle)
     else:
-        enc = FactorEncoders(backbone.hidden_size, shared_dim=64)
-        layers = list(range(middle[0], middle[1] + 1))
-        path = save_factor_encoders(
-            Path(tempfile.mkdtemp()) / "enc", enc, factor_config(enc, layers)
-        )
-        module = Stage2(backbone, stage1_encoders=str(path), middle_layers=middle, ramp_steps=0,
+        encoders = random_encoders(backbone.hidden_size, middle)
+        module = Stage2(backbone, stage1_encoders=encoders, middle_layers=middle, ramp_steps=0,
                         critic_hidden=64, targets="ema")  # fmt: skip
         module.ema = OnlineAsEMA()  # the teacher replay runs as under the EMA callback
     module.configure_trainable()
     backbone.train()
     return module, synthetic_batch(backbone, spec["batch"])
-
-
-class OnlineAsEMA:
-    """Stands in for the ``EMA`` callback outside a Trainer: ready, weights not swapped (the
-    swap re-points parameters, which costs nothing next to the replay it enables)."""
-
-    ready = True
-
-    def swapped_in(self, module, names):
-        from contextlib import nullcontext
-
-        return nullcontext()
 
 
 def time_steps(module, batch, fused: bool, steps: int, warmup: int) -> list[float]:

@@ -32,9 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from common import OnlineAsEMA, random_encoders, synthetic_batch
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 SHAPES = {
@@ -47,8 +48,6 @@ def build(shape: str, arm: str, device: str, dtype: str):
     import torch
 
     from diva_lightning.backbones.showo import ShowoAdapter
-    from diva_lightning.objectives import FactorEncoders
-    from diva_lightning.objectives.checkpoint import factor_config, save_factor_encoders
     from diva_lightning.stages import SFT, Stage2
 
     spec = SHAPES[shape]
@@ -58,11 +57,8 @@ def build(shape: str, arm: str, device: str, dtype: str):
     if arm == "sft":
         module = SFT(backbone, middle_layers=trained, trainable_layers=trained)
     else:
-        enc = FactorEncoders(backbone.hidden_size, shared_dim=256)
-        layers = list(range(trained[0], trained[1] + 1))
-        folder = Path(tempfile.mkdtemp()) / "enc"
-        path = save_factor_encoders(folder, enc, factor_config(enc, layers))
-        module = Stage2(backbone, stage1_encoders=str(path), middle_layers=trained,
+        encoders = random_encoders(backbone.hidden_size, trained, shared_dim=256)
+        module = Stage2(backbone, stage1_encoders=encoders, middle_layers=trained,
                         ramp_steps=0, targets="ema")  # fmt: skip
         module.ema = OnlineAsEMA()
     module.configure_trainable()
@@ -70,32 +66,8 @@ def build(shape: str, arm: str, device: str, dtype: str):
     return module.to(device), spec
 
 
-class OnlineAsEMA:
-    """The ``EMA`` callback's part in a step outside a Trainer: ready, nothing swapped (the
-    swap re-points parameters; the replay it enables is what costs)."""
-
-    ready = True
-
-    def swapped_in(self, module, names):
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-
 def batch_of(module, size: int, device: str):
-    import torch
-
-    from diva_lightning.data import DualFlowBatch
-
-    g = torch.Generator().manual_seed(0)
-    n, backbone = module.backbone.tokens_per_image, module.backbone
-    return DualFlowBatch(
-        keys=[str(i) for i in range(size)],
-        captions=["a red circle at the top left and a blue square at the center."] * size,
-        prompts=["Please describe this image in detail."] * size,
-        codes=torch.randint(0, backbone.codebook_size, (size, n), generator=g),
-        gen_mask=torch.rand(size, n, generator=g) < 0.5,
-    )
+    return synthetic_batch(module.backbone, size, mask_ratio=0.5)
 
 
 def flows_of(module, batch) -> list:
