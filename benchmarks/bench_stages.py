@@ -41,6 +41,20 @@ ARMS = ("sft", "online", "ema", "cap")
 SHAPES = {
     "tiny": {"batch": 8, "steps": 20, "warmup": 3, "middle": (3, 6)},
     "medium": {"batch": 2, "steps": 10, "warmup": 2, "middle": (5, 8)},
+    # real vocabularies (--real): 12 Llama-style blocks of 512, 256 image tokens
+    "showo-vocab": {"batch": 2, "steps": 3, "warmup": 1, "vocab": 58498},
+    "liquid-vocab": {"batch": 2, "steps": 3, "warmup": 1, "vocab": 264192},
+}
+REAL_SHAPES = ("showo-vocab", "liquid-vocab")
+# middle (= trained) blocks for 2, 6 and 11 middle layers; SFT trains the same blocks
+REAL_LAYERS = {2: (5, 6), 6: (3, 8), 11: (1, 11)}
+REAL_ARMS = tuple(f"{arm}@{n}" for n in REAL_LAYERS for arm in ("sft", "stage1", "online", "ema"))
+MEDIUM_LLAMA = {
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
 }
 MEDIUM_PHI = {
     "hidden_size": 512,
@@ -58,6 +72,10 @@ def build_backbone(shape: str):
 
     if shape == "tiny":
         return Emu3Adapter.tiny()
+    if shape in REAL_SHAPES:  # the LM head and embedding at the real vocabulary's width
+        backbone = Emu3Adapter.tiny(text_config=MEDIUM_LLAMA, image_size=64)
+        backbone.model.resize_token_embeddings(SHAPES[shape]["vocab"], mean_resizing=False)
+        return backbone
     return ShowoAdapter(config_overrides={"phi": MEDIUM_PHI, "image_size": 64})
 
 
@@ -80,10 +98,17 @@ def synthetic_batch(backbone, batch_size: int):
 def build_module(arm: str, backbone, middle: tuple[int, int], balance_every: int):
     from diva_lightning.objectives import FactorEncoders
     from diva_lightning.objectives.checkpoint import factor_config, save_factor_encoders
-    from diva_lightning.stages import SFT, Stage2
+    from diva_lightning.stages import SFT, Stage1, Stage2
 
+    if "@" in arm:  # real-vocabulary arms: "<arm>@<middle layers>"
+        arm, count = arm.split("@")
+        middle = REAL_LAYERS[int(count)]
     if arm == "sft":
-        return SFT(backbone, middle_layers=middle, lr=1e-4, warmup_steps=1)
+        return SFT(backbone, middle_layers=middle, trainable_layers=middle, lr=1e-4,
+                   warmup_steps=1)  # fmt: skip
+    if arm == "stage1":
+        return Stage1(backbone, middle_layers=middle, shared_dim=64, lr=1e-4, warmup_steps=1,
+                      shared_only_steps=0)  # fmt: skip
     enc = FactorEncoders(backbone.hidden_size, shared_dim=64)
     layers = list(range(middle[0], middle[1] + 1))
     path = save_factor_encoders(Path(tempfile.mkdtemp()) / "enc", enc, factor_config(enc, layers))
@@ -104,7 +129,7 @@ def run_arm(shape: str, arm: str, device: str, balance_every: int) -> dict:
     spec = SHAPES[shape]
     torch.manual_seed(0)
     backbone = build_backbone(shape)
-    module = build_module(arm, backbone, spec["middle"], balance_every)
+    module = build_module(arm, backbone, spec.get("middle"), balance_every)
     total = spec["warmup"] + spec["steps"]
     batches = DataLoader([synthetic_batch(backbone, spec["batch"])] * total, batch_size=None)
     ends: list[float] = []
@@ -122,6 +147,7 @@ def run_arm(shape: str, arm: str, device: str, balance_every: int) -> dict:
         accelerator=device, devices=1, max_steps=total, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
         callbacks=[ema, Clock()], num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=tempfile.mkdtemp(),  # stage 1 writes its encoders there, not in cwd
     )  # fmt: skip
     measurements: list[float] = []
     if arm == "cap":
@@ -171,8 +197,10 @@ def tensor_peak_mib(module, batch, optimizer, ema, arm: str) -> float:
     optimizer.zero_grad(set_to_none=True)
     kwargs = dict(profile_memory=True, record_shapes=True, with_stack=True)
     with profile(activities=[ProfilerActivity.CPU], **kwargs) as prof:
-        if arm == "sft":
+        if arm.startswith("sft"):
             loss = sum(module.loss_terms(batch).values())
+        elif arm.startswith("stage1"):
+            loss = module.diva_losses(batch)["loss"]
         else:
             terms = module.diva_losses(batch)
             if arm == "cap":
@@ -225,27 +253,63 @@ def report(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def report_real(results: dict, args) -> str:
+    """The real-vocabulary table: per middle-layer count, each arm against SFT on the same
+    trained blocks, with the goals (stage 2 <= 1.10x step and <= 1.05x peak; stage 1 <= 0.7x
+    step)."""
+    lines = [f"real vocabularies ({args.device}; best of {args.rounds} rounds; 12 blocks of "
+             "512, 256 image tokens; SFT trains the same blocks as the middle range)"]  # fmt: skip
+    for shape in REAL_SHAPES:
+        rows = results.get(shape)
+        if not rows:
+            continue
+        lines += ["", f"{shape} (vocabulary {SHAPES[shape]['vocab']:,}, batch "
+                  f"{SHAPES[shape]['batch']})", f"{'layers':<8}{'SFT ms':>9}{'SFT MiB':>9}"
+                  + "".join(f"{a + ' step':>13}{a + ' peak':>13}" for a in ("stage1", "online", "ema"))]  # fmt: skip
+        for count in REAL_LAYERS:
+            sft = rows[f"sft@{count}"]
+            cells = "".join(
+                f"{rows[f'{a}@{count}']['mean_step_s'] / sft['mean_step_s']:>12.2f}x"
+                f"{rows[f'{a}@{count}']['peak_mib'] / sft['peak_mib']:>12.2f}x"
+                for a in ("stage1", "online", "ema")
+            )
+            lines.append(
+                f"{count:<8}{1000 * sft['mean_step_s']:>9.0f}{sft['peak_mib']:>9.0f}{cells}"
+            )
+    lines.append("goals: stage 2 (online, ema) <= 1.10x SFT step and <= 1.05x its peak; "
+                 "stage 1 <= 0.70x SFT step")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["tiny", "medium"], choices=list(SHAPES))
+    parser.add_argument("--real", action="store_true",
+                        help="real vocabularies: SFT, stage 1 and stage 2 at 2, 6, 11 layers")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--balance-every", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="runs/bench/stages.json", help="results JSON")
     parser.add_argument("--report-only", action="store_true", help="re-render --out's results")
-    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--arm", choices=ARMS + REAL_ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=list(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         print(json.dumps(run_arm(args.shape, args.arm, args.device, args.balance_every)))
         return
+    render = report_real if args.real else report
+    if args.real:
+        args.shapes = list(REAL_SHAPES)
+        if args.out == parser.get_default("out"):
+            args.out = "runs/bench/stages-real.json"
     if args.report_only:
-        print(report(json.loads(Path(args.out).read_text())["results"], args))
+        print(render(json.loads(Path(args.out).read_text())["results"], args))
         return
+    arms = REAL_ARMS if args.real else ARMS
     results: dict = {}
     for shape in args.shapes:
         for round_ in range(args.rounds):
-            for arm in ARMS if round_ % 2 == 0 else ARMS[::-1]:
+            for arm in arms if round_ % 2 == 0 else arms[::-1]:
                 cmd = [sys.executable, __file__, "--shape", shape, "--arm", arm, "--device",
                        args.device, "--balance-every", str(args.balance_every)]  # fmt: skip
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -255,7 +319,7 @@ def main() -> None:
                 best = results.setdefault(shape, {}).get(arm)
                 if best is None or row["mean_step_s"] < best["mean_step_s"]:
                     results[shape][arm] = row
-    text = report(results, args)
+    text = render(results, args)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
