@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-fused bench-gpu bench-data bench-mini bench-mini-v1 clean
+.PHONY: help setup test test-slow test-distributed lint format demo demo-data bench bench-stages bench-stages-real bench-fused bench-gpu bench-data bench-mini bench-mini-v1 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench-stages: ## step time and peak memory: SFT vs stage 2 (online, EMA targets,
 
 clean: ## remove caches and run outputs
 	rm -rf .cache .pytest_cache .ruff_cache runs
+
+bench-stages-real: ## step time and peak memory at real vocabularies (Show-o 58,498, Liquid 264,192): SFT, stage 1, stage 2 at 2/6/11 layers
+	$(PY) benchmarks/bench_stages.py --real
 
 bench-fused: ## fused flows (one forward of both flows) vs two forwards: step time, tiny and medium Emu3 shapes
 	$(PY) benchmarks/bench_fused.py
