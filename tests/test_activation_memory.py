@@ -29,11 +29,13 @@ def sft_on(adapter, trainable=TRAINABLE, checkpointing=False):
     return module
 
 
-def test_checkpointing_never_recomputes_blocks_below_the_trainable_ones():
+@pytest.mark.parametrize("fused", [False, True], ids=["two-forwards", "fused"])
+def test_checkpointing_never_recomputes_blocks_below_the_trainable_ones(fused):
     """transformers' checkpointing makes the embedding output require grad, so every frozen block
     below the trainable range would keep its input and run again in backward."""
     adapter = Emu3Adapter.tiny()
     module = sft_on(adapter, checkpointing=True)
+    module.fused_flows = fused
     calls = {"below": 0, "trainable": 0}
 
     def count(name):
@@ -47,7 +49,8 @@ def test_checkpointing_never_recomputes_blocks_below_the_trainable_ones():
     adapter.decoder_layers[TRAINABLE[0] - 1].mlp.register_forward_pre_hook(count("trainable"))
     out_u, out_g = module.run_flows(batch_for(adapter), [3])
     (out_u.loss + out_g.loss).backward()
-    assert calls == {"below": 2, "trainable": 4}  # one forward per flow; trainable: + recompute
+    forwards = 1 if fused else 2  # one forward per flow, or one for both
+    assert calls == {"below": forwards, "trainable": 2 * forwards}  # trainable: + its recompute
 
 
 @pytest.mark.parametrize("pick", ["slots", "pool"])
