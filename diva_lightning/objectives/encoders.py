@@ -165,13 +165,16 @@ class FactorEncoders(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
 
     def encode(self, flow: str, kind: str, h: Tensor) -> Tensor:
-        """h (B, L, D) -> z (B, L, d) with the encoder of ``flow`` and ``kind``."""
+        """h (B, L, D) -> z (B, L, d) with the encoder of ``flow`` and ``kind``, in the
+        encoder's own dtype (DeepSpeed's bf16 engine casts the encoders to bf16 while the
+        stages hand over float32 states)."""
         if h.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"factor encoders expect hidden size {self.hidden_size}, got {h.shape[-1]} "
                 f"(do the stage-1 encoders belong to this backbone?)"
             )
-        return self.encoders[f"{flow}_{kind}"](h)
+        encoder = self.encoders[f"{flow}_{kind}"]
+        return encoder(h.to(next(encoder.parameters()).dtype))
 
     def forward(self, h_u: Tensor, h_g: Tensor) -> Factors:
         """h_u, h_g (B, L, D) pooled middle-layer states of both flows -> four factors (B, L, d)."""
