@@ -77,6 +77,9 @@ class DivaCLI(LightningCLI):
         if subcommand == "fit" and not config.get("ckpt_path"):  # a resumed run continues
             fresh_log_version(config)
 
+    def before_fit(self) -> None:
+        deepspeed_micro_batch(self.trainer.strategy, self.datamodule)
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Lightning's trainer, with its default progress bar swapped for the step-based one
         (``stages/progress.py``); a bar the user configured is kept."""
@@ -128,6 +131,31 @@ class DivaCLI(LightningCLI):
                     "stage's checkpoint (stage 2 starts from stage 1 through stage1_encoders)"
                 )
         super()._parse_ckpt_path()
+
+
+def deepspeed_micro_batch(strategy, datamodule) -> None:
+    """Give DeepSpeed the data module's per-GPU batch size before its engine starts.
+
+    DeepSpeed needs ``train_micro_batch_size_per_gpu``. When the config does not state it (a
+    strategy given by name, ``deepspeed_stage_2``, or the shipped JSONs), Lightning reads it off
+    the train loader's ``batch_sampler``, which is None here: WebDataset batches inside the
+    pipeline, and Lightning's ``_auto_select_batch_size`` then fails with an AttributeError.
+    A JSON that states a different number than ``data.batch_size`` is refused: DeepSpeed would
+    log throughput for batches that never run."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    batch = getattr(datamodule, "batch_size", None)
+    if not isinstance(strategy, DeepSpeedStrategy) or strategy.config is None or not batch:
+        return
+    stated = strategy.config.get("train_micro_batch_size_per_gpu")
+    if stated is not None and int(stated) != int(batch):
+        raise ValueError(
+            f"the DeepSpeed config's train_micro_batch_size_per_gpu is {stated}, but "
+            f"data.init_args.batch_size is {batch}: batches come from the data module, so drop "
+            "the key from the DeepSpeed config (it is filled in from data.batch_size) or make "
+            "the two agree"
+        )
+    strategy.config["train_micro_batch_size_per_gpu"] = int(batch)
 
 
 VERSION_ENV = "DIVA_LOG_VERSION"  # rank 0's choice, inherited by the processes it launches

@@ -74,3 +74,26 @@ def test_deepspeed_configs_validate(path):
     zero = DeepSpeedZeroConfig(**config["zero_optimization"])  # rejects unknown keys
     assert zero.stage in (2, 3)
     DeepSpeedConfig(config)  # batch arithmetic
+
+
+def test_deepspeed_gets_the_data_modules_micro_batch_and_refuses_another():
+    """A DeepSpeed config without ``train_micro_batch_size_per_gpu`` (the shipped JSONs, or a
+    strategy given by name) takes ``data.batch_size``: Lightning would read it off the loader's
+    batch sampler, which WebDataset batching leaves None (AttributeError at the first fit).
+    A JSON that says another number is refused, naming both keys."""
+    from types import SimpleNamespace
+
+    from diva_lightning.lightning_cli import deepspeed_micro_batch
+    from diva_lightning.strategies import CPUDeepSpeedStrategy
+
+    data = SimpleNamespace(batch_size=3)
+    for name in ("zero2", "zero3", "zero3_offload"):
+        strategy = CPUDeepSpeedStrategy(config=f"configs/deepspeed/{name}.json")
+        assert "train_micro_batch_size_per_gpu" not in strategy.config, name
+        deepspeed_micro_batch(strategy, data)
+        assert strategy.config["train_micro_batch_size_per_gpu"] == 3
+    strategy = CPUDeepSpeedStrategy(config={"train_micro_batch_size_per_gpu": 6, "bf16": {}})
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu is 6.*batch_size is 3"):
+        deepspeed_micro_batch(strategy, data)
+    same = CPUDeepSpeedStrategy(config={"train_micro_batch_size_per_gpu": 3})
+    deepspeed_micro_batch(same, data)  # agreeing numbers pass
