@@ -66,7 +66,7 @@ def test_deepspeed_fit_save_and_resume_on_cpu(zero_stage, tmp_path):
     strategy = tmp_path / "strategy.yaml"  # numbers stay numbers in YAML (not on the command line)
     strategy.write_text(
         "trainer:\n  strategy:\n    class_path: diva_lightning.strategies.CPUDeepSpeedStrategy\n"
-        f"    init_args: {{stage: {zero_stage}, logging_batch_size_per_gpu: 4}}\n"
+        f"    init_args: {{stage: {zero_stage}}}\n"  # the micro-batch comes from data.batch_size
     )
     base = [
         "fit",
@@ -184,7 +184,9 @@ def test_deepspeed_stage2_with_ema_targets_resumes_and_agrees_across_zero_stages
 def test_zero3_with_every_parameter_partitioned_trains_liquid(tmp_path):
     """Under ZeRO-3 a real 7B model's LM head is partitioned (tiny ones stay whole below the
     persistence threshold): with the threshold at 0, the generation flow still reads the code
-    rows of the partitioned head (outside its module's forward) and two steps train."""
+    rows of the partitioned head (outside its module's forward) and two steps train. Sampling
+    at step 2 (``SampleEvaluation``) runs the generation flow alone, with no understanding
+    forward before it to gather the head: it crashed on an H200 (IndexError, empty head)."""
     from diva_lightning.data.prepare import prepare
 
     prepare(str(tmp_path / "train"), synthetic=32, max_count=16, seed=0, quiet=True)
@@ -201,11 +203,14 @@ def test_zero3_with_every_parameter_partitioned_trains_liquid(tmp_path):
         "--data.init_args.val_shards=null", "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=2", "--trainer.devices=2", "--trainer.limit_val_batches=0",
         "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
+        "--trainer.callbacks+=diva_lightning.evaluation.SampleEvaluation",
+        "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.num_samples=2",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     losses = _scalars(tmp_path, "train/loss")
     assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
+    assert 2 in _scalars(tmp_path, "eval/caption_score"), "no evaluation at step 2"
 
 
 def _launch(args: list[str], env: dict, log: Path) -> subprocess.Popen:

@@ -41,6 +41,7 @@ from diva_lightning.backbones.flows import (
     supervised_cross_entropy,
 )
 from diva_lightning.backbones.loading import DTYPES, local_checkpoint
+from diva_lightning.backbones.zero import rows
 
 
 class BackboneAdapter(nn.Module, abc.ABC):
@@ -364,7 +365,7 @@ class BackboneAdapter(nn.Module, abc.ABC):
 
     def _generation_logits(self, hidden: Tensor, batch: FlowBatch) -> tuple[Tensor, Tensor]:
         h, targets = shifted_slot_states(hidden, batch.labels)  # (B, S, D)
-        image_rows = self.model.get_output_embeddings().weight[self.image_token_ids]  # (K, D)
+        image_rows = rows(self.model.get_output_embeddings().weight, self.image_token_ids)
         return h @ image_rows.T, targets  # (B, S, K)
 
     @property

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from torch import Tensor, nn
 from transformers import PhiConfig, PhiForCausalLM
 
+from diva_lightning.backbones.zero import rows
+
 NUM_NEW_SPECIAL_TOKENS = 10  # [PAD] + 9 task/boundary tokens
 
 
@@ -112,7 +114,8 @@ class ShowoModel(nn.Module):
         start = self.config.image_token_offset
         stop = start + self.config.codebook_size
         head = self.showo.lm_head
-        return nn.functional.linear(hidden, head.weight[start:stop], head.bias[start:stop])
+        return nn.functional.linear(hidden, rows(head.weight, slice(start, stop)),
+                                    rows(head.bias, slice(start, stop)))  # fmt: skip
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         self.showo.activation_checkpointing_enable(**kwargs)
