@@ -19,12 +19,12 @@ memory, and one run held to 24 GB with the shipped ZeRO-2 settings.
   in backward on the gradient path; the (frozen) LM head adds ``2 V D`` per supervised slot
   forward and as much for its input gradient. Stage 2's encoders, critic and teacher replay are work the model
   does not count: they lower its MFU, which is the point of comparing the arms.
-* ``--capped``: stage 2 once more through Lightning's ``DeepSpeedStrategy`` with
-  ``configs/deepspeed/zero2.json`` on this one process, the CUDA allocator capped at 24 GiB
-  (``torch.cuda.set_per_process_memory_fraction``). It proves one rank's activations, its
-  replicated bf16 weights and the DIVA extras fit 24 GiB next to a ZeRO-2 partition of world
-  size 1 (the largest partition there is); it does not prove 8-rank communication buffers,
-  nor a 7B model (see ``diva-cli plan``).
+* ``--capped``: stage 2 once more through Lightning's ``DeepSpeedStrategy`` with the shipped
+  ``configs/deepspeed/zero{2,3}.json`` (``--zero``), an ``EMA`` callback, on this one process,
+  the CUDA allocator capped at 24 GiB (``torch.cuda.set_per_process_memory_fraction``). At
+  world size 1 each ZeRO partition is the whole optimizer state, so this is not the 8-GPU
+  plan: it checks ``diva-cli plan``'s model (``plan_memory``) against a real allocator, the
+  measured peak beside the prediction and the plan's verdict (fits with 10% kept).
 """
 
 from __future__ import annotations
@@ -117,30 +117,62 @@ def time_arm(module, batch, steps: int, warmup: int, device: str) -> dict:
     return {"step_s": statistics.median(times), "peak_gib": peak}
 
 
-def capped_zero2_run(shape: str, steps: int) -> dict:
-    """Stage 2 through Lightning + DeepSpeed ZeRO-2 (shipped JSON), CUDA capped at 24 GiB."""
+def planned_gib(module, batch, zero: int, ema: bool = False) -> float:
+    """What ``diva-cli plan`` predicts per GPU for this run (world size 1): the built backbone's
+    own shape, the batch's token counts and mask ratio, the module's trained blocks."""
+    from dataclasses import replace
+
+    from diva_lightning.planning.memory import GIB, RunSpec, plan_memory
+    from diva_lightning.planning.shapes import from_adapter
+
+    backbone, flows = module.backbone, flows_of(module, batch)
+    text = max(f.attention_mask.shape[1] for f in flows) - backbone.tokens_per_image
+    shape = replace(from_adapter(backbone), text_tokens=text)
+    spec = RunSpec(
+        stage="stage2", micro_batch=len(batch.keys), middle_layers=module.trainable_range,
+        trainable_layers=module.trainable_range, zero_stage=zero,
+        mask_ratio=float(batch.gen_mask.float().mean()), ema=ema,
+    )  # fmt: skip
+    return plan_memory(shape, spec).total / GIB
+
+
+def capped_zero_run(shape: str, steps: int, zero: int) -> dict:
+    """Stage 2 through Lightning + DeepSpeed ZeRO-``zero`` (shipped JSON), CUDA capped at 24 GiB:
+    measured peak beside the plan's prediction."""
+    import gc
+
     import lightning as L
     import torch
     from lightning.pytorch.strategies import DeepSpeedStrategy
     from torch.utils.data import DataLoader
 
+    from diva_lightning.stages.ema import EMA
+
+    gc.collect()
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * 2**30 / total))
     torch.cuda.reset_peak_memory_stats()
     module, spec = build(shape, "ema", "cpu", "bfloat16")
     batch = batch_of(module, spec["batch"], "cuda")
+    planned = planned_gib(module, batch, zero, ema=True)
+    config = json.loads(Path(f"configs/deepspeed/zero{zero}.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = spec["batch"]  # as diva-cli fills it in
     trainer = L.Trainer(
         accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=steps, logger=False,
-        strategy=DeepSpeedStrategy(config="configs/deepspeed/zero2.json"),
+        strategy=DeepSpeedStrategy(config=config), callbacks=[EMA(ramp_steps=steps)],
         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
     )  # fmt: skip
     try:
         trainer.fit(module, DataLoader([batch] * steps, batch_size=None))
         ok, error = True, None
     except torch.cuda.OutOfMemoryError as exn:
-        ok, error = False, str(exn).splitlines()[0]
-    return {"fits_24gib": ok, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "error": error}  # fmt: skip
+        ok, error = False, str(exn).split(". GPU 0")[0]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del trainer, module
+    return {"zero": zero, "fits_24gib": ok, "plan_fits": planned <= 0.9 * 24, "peak_gib": peak,
+            "planned_gib": planned,
+            "plan_over_measured": planned / peak if peak else None, "error": error}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -151,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="per GPU (default: 6)")
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--capped", action="store_true", help="also the 24 GiB ZeRO-2 run")
+    parser.add_argument("--capped", action="store_true", help="also the 24 GiB ZeRO runs")
+    parser.add_argument("--zero", type=int, nargs="+", default=[2, 3], choices=(2, 3))
     parser.add_argument("--out", default="runs/bench/gpu.json")
     args = parser.parse_args(argv)
     import torch
@@ -175,7 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
                              "mfu": flops / result["step_s"] / (peak * 1e12) if peak else None}  # fmt: skip
     report = {"device": name, "shape": shape, "dtype": dtype, "peak_tflops": peak, "arms": rows}
     if args.capped and device == "cuda":
-        report["capped_zero2"] = capped_zero2_run(shape, steps=3)
+        report["capped"] = [capped_zero_run(shape, steps=3, zero=z) for z in args.zero]
+    else:  # the plan's prediction alone (CPU, tests): the same function as on the GPU
+        module, spec = built["stage2"]
+        report["planned_gib"] = {z: planned_gib(module, batch_of(module, spec["batch"], device), z)
+                                 for z in args.zero}  # fmt: skip
     lines = [f"{name}, {shape}, {dtype}: median step of the best of {args.rounds} rounds"]
     for arm, r in rows.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak given)"
@@ -184,8 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
                      f"tokens/s  MFU {mfu}  peak {mem}")  # fmt: skip
     sft, stage2 = rows["sft"], rows["stage2"]
     lines.append(f"stage 2 / SFT: step x{stage2['step_s'] / sft['step_s']:.2f}")
-    if "capped_zero2" in report:
-        lines.append(f"ZeRO-2 capped at 24 GiB: {report['capped_zero2']}")
+    for run in report.get("capped", []):
+        lines.append(f"ZeRO-{run['zero']} capped at 24 GiB: fits {run['fits_24gib']} (plan: "
+                     f"{run['plan_fits']}), peak "
+                     f"{run['peak_gib']:.2f} GiB, plan {run['planned_gib']:.2f} GiB "
+                     f"(plan / measured {run['plan_over_measured']:.2f}) {run['error'] or ''}")  # fmt: skip
     report["text"] = "\n".join(lines)
     print(report["text"])
     out = Path(args.out)

@@ -22,6 +22,9 @@ def test_tiny_run_reports_throughput_mfu_and_the_stage2_ratio(tmp_path):
     for arm in report["arms"].values():
         assert arm["tokens_per_s"] > 0 and arm["mfu"] > 0 and arm["peak_gib"] is None
     assert "stage 2 / SFT: step x" in report["text"]
+    # the planner's prediction for the capped ZeRO runs is computed by the same code on CPU
+    assert set(report["planned_gib"]) == {2, 3}
+    assert all(0 < gib < 1 for gib in report["planned_gib"].values())  # a tiny model
 
 
 def test_model_flops_match_pytorchs_flop_counter():
