@@ -1,0 +1,78 @@
+"""Keep DIVA-mini's run artifacts in the repository, and put them back.
+
+    python -m benchmarks.mini.keep save      # runs/mini -> docs/mini/v2/kept (small files only)
+    python -m benchmarks.mini.keep restore   # docs/mini/v2/kept -> runs/mini
+
+``runs/`` is not versioned, and a new checkout starts without it: the final phase's records
+and the base it post-trains (80 minutes to rebuild on 2 cores) would be lost between sessions.
+``save`` copies what the report and a resumed phase need: the base's tokenizer, weights,
+analysis, curves and probes, and each finished run's ``record.json``, ``gradient_balance.json``
+and ``samples.pt``; not the shards (217 MB, rebuilt from the tokenizer in a minute) nor the
+post-trained models. ``restore`` copies them back without overwriting anything already there,
+so the protocol reuses the base (its cache is keyed by the settings' hash) and skips every
+finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+KEPT = Path("docs/mini/v2/kept")
+BASE_FILES = ("config.json", "tokenizer.pt", "base/model", "base/analysis/divergence.json",
+              "base/facts.json", "base/plateau.json", "base/probes.json", "base/logs/metrics.csv")  # fmt: skip
+RUN_FILES = ("record.json", "gradient_balance.json", "samples.pt")
+
+
+def _copy(src: Path, dst: Path, overwrite: bool) -> bool:
+    if not src.exists() or (dst.exists() and not overwrite):
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(src, partial)
+        partial.rename(dst)
+    return True
+
+
+def pairs(runs: Path, mode: str = "v2"):
+    """(path under runs/mini, path under kept) of every file ``save`` keeps."""
+    for root in sorted(runs.glob("base-*")):
+        if (root / "base" / "model").exists():
+            for name in BASE_FILES:
+                yield root / name, Path(root.name) / name
+    for record in sorted((runs / mode).glob("*/*/seed*/record.json")):
+        for name in RUN_FILES:
+            src = record.parent / name
+            yield src, src.relative_to(runs)
+
+
+def save(runs: Path, kept: Path) -> int:
+    """Copies finished artifacts (a kept file is refreshed) -> the number copied."""
+    return sum(_copy(src, kept / rel, overwrite=True) for src, rel in pairs(runs))
+
+
+def restore(kept: Path, runs: Path) -> int:
+    """Copies kept files back, never over a file that is there -> the number copied."""
+    files = [p for p in sorted(kept.rglob("*")) if p.is_file()]
+    return sum(_copy(p, runs / p.relative_to(kept), overwrite=False) for p in files)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("save", "restore"))
+    parser.add_argument("--runs", default="runs/mini")
+    parser.add_argument("--kept", default=str(KEPT))
+    args = parser.parse_args(argv)
+    runs, kept = Path(args.runs), Path(args.kept)
+    if args.action == "save":
+        print(f"kept {save(runs, kept)} files under {kept}")
+    else:
+        print(f"restored {restore(kept, runs)} files under {runs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""DIVA-mini's artifacts survive a new checkout: ``keep save`` copies the base and the finished
+runs' small files into the repository, ``keep restore`` puts them back without overwriting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.mini.keep import restore, save
+
+
+def write(path: Path, text: str = "x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_path):
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    base = runs / "base-abc"
+    for name in ("config.json", "tokenizer.pt", "base/model/model.safetensors",
+                 "base/analysis/divergence.json", "base/probes.json", "shards/train/s.tar"):  # fmt: skip
+        write(base / name)
+    done = runs / "v2/final/Base_SFT/seed0"
+    for name in ("record.json", "samples.pt", "gradient_balance.json", "model/w.safetensors"):
+        write(done / name)
+    write(runs / "v2/final/Base_SFT/seed1/samples.pt")  # unfinished: no record.json
+    write(runs / "base-unbuilt/tokenizer.pt")  # a base still training: nothing kept
+    assert save(runs, kept) == 8
+    assert files(kept) == {
+        "base-abc/config.json", "base-abc/tokenizer.pt", "base-abc/base/model/model.safetensors",
+        "base-abc/base/analysis/divergence.json", "base-abc/base/probes.json",
+        "v2/final/Base_SFT/seed0/record.json", "v2/final/Base_SFT/seed0/samples.pt",
+        "v2/final/Base_SFT/seed0/gradient_balance.json",
+    }  # fmt: skip
+    fresh = tmp_path / "fresh"
+    assert restore(kept, fresh) == 8 and files(fresh) == files(kept)
+    write(fresh / "v2/final/Base_SFT/seed0/record.json", "newer")
+    (fresh / "base-abc/tokenizer.pt").unlink()
+    assert restore(kept, fresh) == 1  # only the missing file; the newer record stays
+    assert (fresh / "v2/final/Base_SFT/seed0/record.json").read_text() == "newer"
