@@ -61,6 +61,24 @@ def supervised_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     )
 
 
+def embedding_regression(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Native loss of a generation flow with continuous targets (Nexus-Gen's image term):
+    ``0.5 * MSE + 0.5 * mean(1 - cos)`` over the supervised embeddings.
+
+    pred, target (B, S, D) or (n, D); ``valid`` (B, S) bool marks the supervised slots. MSE is
+    the mean over all ``n * D`` elements, the cosine per embedding (eps 1e-8, as
+    ``F.cosine_similarity``); both in float32. No supervised slot gives 0 with the graph kept
+    (their forward turns the empty means' NaN into 0)."""
+    if valid is not None:
+        pred, target = pred[valid], target[valid]  # (n, D)
+    if pred.numel() == 0:
+        return pred.sum() * 0.0
+    pred, target = pred.float(), target.float()
+    mse = F.mse_loss(pred, target)
+    cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)  # (n,)
+    return 0.5 * mse + 0.5 * (1.0 - cos).mean()
+
+
 def take_positions(values: Tensor, positions: Tensor) -> Tensor:
     """values (B, T, D), positions (B, S) long -> values at those positions (B, S, D).
 
