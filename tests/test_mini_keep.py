@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from benchmarks.mini.keep import restore, save
 
 
@@ -24,8 +26,10 @@ def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_pa
                  "base/analysis/divergence.json", "base/probes.json", "shards/train/s.tar"):  # fmt: skip
         write(base / name)
     done = runs / "v2/final/Base_SFT/seed0"
-    for name in ("record.json", "samples.pt", "gradient_balance.json", "model/w.safetensors"):
+    for name in ("record.json", "gradient_balance.json", "model/w.safetensors"):
         write(done / name)
+    images = torch.rand(64, 3, 8, 8)
+    torch.save(images[:4], done / "samples.pt")  # a view: saving it drags all 64 images
     write(runs / "v2/final/Base_SFT/seed1/samples.pt")  # unfinished: no record.json
     write(runs / "base-unbuilt/tokenizer.pt")  # a base still training: nothing kept
     assert save(runs, kept) == 8
@@ -35,6 +39,9 @@ def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_pa
         "v2/final/Base_SFT/seed0/record.json", "v2/final/Base_SFT/seed0/samples.pt",
         "v2/final/Base_SFT/seed0/gradient_balance.json",
     }  # fmt: skip
+    kept_samples = kept / "v2/final/Base_SFT/seed0/samples.pt"
+    torch.testing.assert_close(torch.load(kept_samples), images[:4])
+    assert kept_samples.stat().st_size < (done / "samples.pt").stat().st_size / 8
     fresh = tmp_path / "fresh"
     assert restore(kept, fresh) == 8 and files(fresh) == files(kept)
     write(fresh / "v2/final/Base_SFT/seed0/record.json", "newer")
