@@ -85,15 +85,20 @@ class LogitInjection(nn.Module):
         return bias_u, bias_g
 
 
-def _layer_loss(logits: Tensor, targets: Tensor, layer_bias: Tensor) -> Tensor:
+def _layer_loss(logits: Tensor, targets: Tensor, layer_bias: Tensor, native=None) -> Tensor:
     """One middle layer's native loss on injected logits. layer_bias (B, V)."""
-    return supervised_cross_entropy(logits + layer_bias[:, None, :].to(logits.dtype), targets)
+    injected = logits + layer_bias[:, None, :].to(logits.dtype)
+    return (native or supervised_cross_entropy)(injected, targets)
 
 
-def injected_loss(logits: Tensor, targets: Tensor, bias: Tensor) -> Tensor:
+def injected_loss(logits: Tensor, targets: Tensor, bias: Tensor, native=None) -> Tensor:
     """Native loss on injected logits, averaged over layers (Eq. 8).
 
     logits (B, S, V) at supervised slots, targets (B, S), bias (B, L, V) one per middle layer.
+    ``native(outputs, targets)``: the flow's native loss (default: cross-entropy over real
+    slots). A generation flow with continuous targets passes its regression: then ``logits``
+    are the predicted embeddings (B, S, D), ``V = D``, targets (B, S, D), and the bias is the
+    low-rank additive correction of the embeddings (docs/method-choices.md).
 
     Memory: each layer's loss runs under ``torch.utils.checkpoint``, so autograd keeps only its
     inputs (the shared logits and a ``(B, V)`` bias row) and recomputes the ``(B, S, V)``
@@ -106,9 +111,9 @@ def injected_loss(logits: Tensor, targets: Tensor, bias: Tensor) -> Tensor:
         raise ValueError(f"bias {tuple(bias.shape)} does not fit logits {tuple(logits.shape)}")
     needs_grad = torch.is_grad_enabled() and (logits.requires_grad or bias.requires_grad)
     losses = [
-        checkpoint(_layer_loss, logits, targets, bias[:, layer], use_reentrant=False)
+        checkpoint(_layer_loss, logits, targets, bias[:, layer], native, use_reentrant=False)
         if needs_grad
-        else _layer_loss(logits, targets, bias[:, layer])
+        else _layer_loss(logits, targets, bias[:, layer], native)
         for layer in range(bias.shape[1])
     ]
     return torch.stack(losses).mean()
