@@ -32,10 +32,17 @@ def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_pa
     torch.save(images[:4], done / "samples.pt")  # a view: saving it drags all 64 images
     write(runs / "v2/final/Base_SFT/seed1/samples.pt")  # unfinished: no record.json
     write(runs / "base-unbuilt/tokenizer.pt")  # a base still training: nothing kept
-    assert save(runs, kept) == 8
+    stage1 = base / "stage1-v2/stage1-1234"
+    write(stage1 / "seed0/stage1_encoders/factors.json")
+    write(stage1 / "seed0/overrides.json")
+    write(stage1 / "seed0/logs/events")  # logs stay behind
+    write(stage1 / "seed1.partial/stage1_encoders/factors.json")  # interrupted: not kept
+    assert save(runs, kept) == 10
     assert files(kept) == {
         "base-abc/config.json", "base-abc/tokenizer.pt", "base-abc/base/model/model.safetensors",
         "base-abc/base/analysis/divergence.json", "base-abc/base/probes.json",
+        "base-abc/stage1-v2/stage1-1234/seed0/stage1_encoders/factors.json",
+        "base-abc/stage1-v2/stage1-1234/seed0/overrides.json",
         "v2/final/Base_SFT/seed0/record.json", "v2/final/Base_SFT/seed0/samples.pt",
         "v2/final/Base_SFT/seed0/gradient_balance.json",
     }  # fmt: skip
@@ -43,7 +50,7 @@ def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_pa
     torch.testing.assert_close(torch.load(kept_samples), images[:4])
     assert kept_samples.stat().st_size < (done / "samples.pt").stat().st_size / 8
     fresh = tmp_path / "fresh"
-    assert restore(kept, fresh) == 8 and files(fresh) == files(kept)
+    assert restore(kept, fresh) == 10 and files(fresh) == files(kept)
     write(fresh / "v2/final/Base_SFT/seed0/record.json", "newer")
     (fresh / "base-abc/tokenizer.pt").unlink()
     assert restore(kept, fresh) == 1  # only the missing file; the newer record stays

@@ -6,7 +6,8 @@
 ``runs/`` is not versioned, and a new checkout starts without it: the final phase's records
 and the base it post-trains (80 minutes to rebuild on 2 cores) would be lost between sessions.
 ``save`` copies what the report and a resumed phase need: the base's tokenizer, weights,
-analysis, curves and probes, and each finished run's ``record.json``, ``gradient_balance.json``
+analysis, curves and probes, each finished stage-1 run's encoders (shared by the DIVA
+arms of its seed), and each finished run's ``record.json``, ``gradient_balance.json``
 and ``samples.pt`` (re-saved compact: the run's file is a view that drags the storage of all
 its generated images, 6.8 MB instead of 0.2 MB); not the shards (217 MB, rebuilt from the tokenizer in a minute) nor the
 post-trained models. ``restore`` copies them back without overwriting anything already there,
@@ -25,6 +26,7 @@ import torch
 KEPT = Path("docs/mini/v2/kept")
 BASE_FILES = ("config.json", "tokenizer.pt", "base/model", "base/analysis/divergence.json",
               "base/facts.json", "base/plateau.json", "base/probes.json", "base/logs/metrics.csv")  # fmt: skip
+STAGE1_FILES = ("stage1_encoders", "overrides.json")  # shared by the DIVA arms of a seed
 RUN_FILES = ("record.json", "gradient_balance.json", "samples.pt")
 
 
@@ -50,6 +52,9 @@ def pairs(runs: Path, mode: str = "v2"):
         if (root / "base" / "model").exists():
             for name in BASE_FILES:
                 yield root / name, Path(root.name) / name
+        for seed in sorted(root.glob("stage1-*/stage1-*/seed*[0-9]")):  # finished stage-1 runs
+            for name in STAGE1_FILES:
+                yield seed / name, (seed / name).relative_to(runs)
     for record in sorted((runs / mode).glob("*/*/seed*/record.json")):
         for name in RUN_FILES:
             src = record.parent / name
