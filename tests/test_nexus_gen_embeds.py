@@ -9,11 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diva_lightning.backbones.flows import embedding_regression
+from diva_lightning.backbones.flows import (
+    embedding_regression,
+    shifted_slot_states,
+    supervised_cross_entropy,
+)
 from diva_lightning.backbones.nexus_gen.embeds import (
     generation_embeds,
     image_positions,
     prediction_slots,
+    text_labels,
+    understanding_embeds,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nexus-gen"
@@ -64,3 +70,25 @@ def test_masked_positions_get_the_prefill_and_nothing_else(golden):
 def test_a_sample_without_the_image_is_refused():
     with pytest.raises(ValueError, match="needs 81 image pads"):
         image_positions(torch.full((1, 20), 3), IMAGE_PAD, 81)
+
+
+@pytest.mark.parametrize("sample", ["gen", "und"])
+def test_cross_entropy_is_theirs(sample, golden):
+    """Shifted CE over the labels with the image pads ignored: their plain-CE forward."""
+    labels = text_labels(golden[f"{sample}_labels"], IMAGE_PAD)
+    hidden = golden[f"{sample}_last_hidden_state"]
+    states, targets = shifted_slot_states(hidden, labels)  # (1, S, D) at the supervised slots
+    logits = states @ golden["lm_head.weight"].T
+    loss = supervised_cross_entropy(logits, targets)
+    assert float(loss) == pytest.approx(float(golden[f"{sample}_loss_ce"]), abs=1e-5)
+    expected = "gen_ce_targets" if sample == "gen" else "und_answer_targets"
+    assert targets[targets != -100].tolist() == golden[expected].tolist()
+
+
+def test_understanding_pads_hold_the_towers_output(golden):
+    ids = golden["und_input_ids"]
+    tokens = golden["model.embed_tokens.weight"][ids]
+    embeds = understanding_embeds(tokens, ids, IMAGE_PAD, golden["und_image_embeds"])
+    assert torch.equal(embeds, golden["und_inputs_embeds"])
+    with pytest.raises(ValueError, match="4 image pads but 3"):
+        understanding_embeds(tokens, ids, IMAGE_PAD, golden["und_image_embeds"][:3])

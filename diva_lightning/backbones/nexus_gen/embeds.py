@@ -49,3 +49,22 @@ def prediction_slots(positions: Tensor) -> Tensor:
     """Positions (B, N) of the image -> (B, N) positions whose hidden state predicts each image
     embedding: the one before it (next-token shift)."""
     return positions - 1
+
+
+def understanding_embeds(token_embeds: Tensor, input_ids: Tensor, image_pad: int,
+                         image_embeds: Tensor) -> Tensor:  # fmt: skip
+    """token_embeds (B, L, D) with every image pad, in order, replaced by the frozen tower's
+    output ``image_embeds`` (n_pads, D) (the stock Qwen2.5-VL input)."""
+    is_pad = input_ids == image_pad
+    if int(is_pad.sum()) != image_embeds.shape[0]:
+        raise ValueError(f"{int(is_pad.sum())} image pads but {image_embeds.shape[0]} image "
+                         "embeddings: the image's grid and its pads disagree")  # fmt: skip
+    out = token_embeds.clone()
+    out[is_pad] = image_embeds.to(out.dtype)
+    return out
+
+
+def text_labels(labels: Tensor, image_pad: int, ignore: int = -100) -> Tensor:
+    """The cross-entropy's labels: image pads ignored (the regression reads them), the markers
+    ``<|vision_start|>``, ``<|vision_end|>`` and ``<|im_end|>`` keep their next-token loss."""
+    return labels.masked_fill(labels == image_pad, ignore)
