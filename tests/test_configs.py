@@ -73,7 +73,9 @@ def test_deepspeed_configs_validate(path):
     )  # Lightning's accumulate_grad_batches owns it
     zero = DeepSpeedZeroConfig(**config["zero_optimization"])  # rejects unknown keys
     assert zero.stage in (2, 3)
-    DeepSpeedConfig(config)  # batch arithmetic
+    # diva-cli fills the micro-batch from data.batch_size (lightning_cli.deepspeed_micro_batch)
+    assert "train_micro_batch_size_per_gpu" not in config
+    DeepSpeedConfig({**config, "train_micro_batch_size_per_gpu": 2})  # batch arithmetic
 
 
 def test_deepspeed_gets_the_data_modules_micro_batch_and_refuses_another():
