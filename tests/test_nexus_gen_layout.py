@@ -3,25 +3,13 @@ fixtures of their template (``tests/fixtures/nexus-gen``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from diva_lightning.backbones.nexus_gen.layout import IMAGE, ChatTokens, chat_sample, positions
-
-FIXTURES = Path(__file__).parent / "fixtures" / "nexus-gen"
-HARNESS = json.loads((FIXTURES / "harness.json").read_text())
-SPECIAL, PIECES = HARNESS["special_token_ids"], HARNESS["piece_ids"]
-TOKENS = ChatTokens(
-    im_start=SPECIAL["<|im_start|>"], im_end=SPECIAL["<|im_end|>"],
-    vision_start=SPECIAL["<|vision_start|>"], vision_end=SPECIAL["<|vision_end|>"],
-    image_pad=SPECIAL["<|image_pad|>"], newline=PIECES["\n"], system=PIECES["system"],
-    user=PIECES["user"], assistant=PIECES["assistant"],
-)  # fmt: skip
+from diva_lightning.backbones.nexus_gen.layout import IMAGE, chat_sample, positions
+from tests.nexus_gen_helpers import FIXTURES, HARNESS, PIECES, TOKENS, tiny_config
 
 
 def ids(name: str) -> list:
@@ -43,9 +31,8 @@ def test_training_sample_ids_labels_and_positions_are_theirs(sample, golden):
                                   user_pads=[4])  # fmt: skip
     assert got == golden[f"{sample}_input_ids"][0].tolist()
     assert labels == golden[f"{sample}_labels"][0].tolist()
-    config = Qwen2_5_VLConfig(**json.loads((FIXTURES / "config.json").read_text()))
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config())
     pos = positions(model.model, torch.tensor([got]), TOKENS.image_pad,
                     golden[f"{sample}_image_grid_thw"])  # fmt: skip
     assert torch.equal(pos.cpu(), golden[f"{sample}_position_ids"])

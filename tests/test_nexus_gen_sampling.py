@@ -3,37 +3,19 @@ exact, the 81 image embeddings within 1e-5, step positions and input kinds exact
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from diva_lightning.backbones.nexus_gen.checkpoint import load_into
 from diva_lightning.backbones.nexus_gen.embeds import understanding_embeds
-from diva_lightning.backbones.nexus_gen.layout import ChatTokens
 from diva_lightning.backbones.nexus_gen.sampling import greedy_generate
 from diva_lightning.backbones.nexus_gen.vision import tower_embeds
-
-FIXTURES = Path(__file__).parent / "fixtures" / "nexus-gen"
-HARNESS = json.loads((FIXTURES / "harness.json").read_text())
-SPECIAL, PIECES = HARNESS["special_token_ids"], HARNESS["piece_ids"]
-TOKENS = ChatTokens(
-    im_start=SPECIAL["<|im_start|>"], im_end=SPECIAL["<|im_end|>"],
-    vision_start=SPECIAL["<|vision_start|>"], vision_end=SPECIAL["<|vision_end|>"],
-    image_pad=SPECIAL["<|image_pad|>"], newline=PIECES["\n"], system=PIECES["system"],
-    user=PIECES["user"], assistant=PIECES["assistant"],
-)  # fmt: skip
+from tests.nexus_gen_helpers import FIXTURES, SPECIAL, TOKENS, loaded_model
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = Qwen2_5_VLConfig(**json.loads((FIXTURES / "config.json").read_text()))
-    config._attn_implementation = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    extra = load_into(model, load_file(FIXTURES / "nexus_gen_state_dict.safetensors"))
+    model, extra = loaded_model()
     return model, extra, load_file(FIXTURES / "fixtures.safetensors")
 
 

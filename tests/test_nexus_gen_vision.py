@@ -4,17 +4,13 @@ understanding embeddings and generation targets within 1e-5."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from diva_lightning.backbones.nexus_gen.checkpoint import load_into
 from diva_lightning.backbones.nexus_gen.vision import generation_targets, patches, tower_embeds
-
-FIXTURES = Path(__file__).parent / "fixtures" / "nexus-gen"
+from tests.nexus_gen_helpers import FIXTURES, loaded_model
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +20,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def visual():
-    config = Qwen2_5_VLConfig(**json.loads((FIXTURES / "config.json").read_text()))
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    load_into(model, load_file(FIXTURES / "nexus_gen_state_dict.safetensors"))
-    return model.model.visual
+    return loaded_model()[0].model.visual
 
 
 def test_patches_are_bit_exact(golden):
