@@ -161,3 +161,18 @@ def test_streams_are_bounded_and_local_paths_left_alone():
     assert bounded_stream("pipe:aws s3 cp s3://b/s.tar -", 5) == (
         "pipe:timeout -k 10 5 sh -c 'aws s3 cp s3://b/s.tar -'"
     )
+
+
+def test_a_stream_that_ends_before_its_first_byte_is_a_stream_error():
+    """A timed-out (or failed) stream may surface as tarfile's "empty file" before WebDataset
+    reads the command's exit status: it is a stream error, not a corrupt tar (the stalled-stream
+    test above counted it as bad_tar once in CI). A local empty file stays a bad tar."""
+    import tarfile
+
+    from diva_lightning.data.skips import classify_tar_error
+
+    empty = tarfile.ReadError("empty file")
+    assert classify_tar_error(empty, "pipe:sleep 600") == "stream_error"
+    assert classify_tar_error(empty, "https://host/shard.tar") == "stream_error"
+    assert classify_tar_error(empty, "/data/shard-000.tar") == "bad_tar"
+    assert classify_tar_error(tarfile.ReadError("invalid header"), "pipe:cat x.tar") == "bad_tar"

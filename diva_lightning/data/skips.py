@@ -203,6 +203,8 @@ def classify_tar_error(exn: BaseException, url: str | None = None) -> str:
     streamed = url is not None and (url.startswith("pipe:") or "://" in url)
     if streamed and isinstance(exn, OSError) and not isinstance(exn, FileNotFoundError):
         return "stream_error"  # WebDataset's Pipe: the command exited non-zero
+    if streamed and isinstance(exn, tarfile.ReadError) and "empty file" in str(exn):
+        return "stream_error"  # no byte came: failed or timed out before its exit status is read
     if isinstance(exn, FileNotFoundError):
         return "missing_shard"
     if isinstance(exn, tarfile.TarError | EOFError):
