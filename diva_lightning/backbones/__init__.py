@@ -27,6 +27,7 @@ ADAPTERS = {
     "chameleon": "diva_lightning.backbones.chameleon.ChameleonAdapter",
     "showo": "diva_lightning.backbones.showo.ShowoAdapter",
     "liquid": "diva_lightning.backbones.liquid.LiquidAdapter",
+    "nexus-gen": "diva_lightning.backbones.nexus_gen.NexusGenAdapter",
 }
 
 

@@ -18,6 +18,11 @@ range of blocks again for the EMA teacher.
 Logits (``flows.FlowOutput``): the understanding flow's ``V`` is the text vocabulary, the
 generation flow's the codebook, in codebook order (code ``k`` is column ``k``). Stage 1 adds a
 per-sample bias ``(B, V)`` to them (Eq. 8): an adapter never returns logits it does not score.
+
+Continuous targets (``continuous_targets = True``, Nexus-Gen): the "codes" of an image are the
+embeddings its generation head regresses, ``(B, N, D_t)`` floats from ``tokenize_images``; the
+generation flow returns the predicted embeddings at the masked slots as its logits (width
+``generation_width = D_t``) with ``FlowOutput.valid``, and its native loss is the regression.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from diva_lightning.backbones.flows import (
     LayerCapture,
     right_padded_batch,
     shifted_slot_states,
-    supervised_cross_entropy,
 )
 from diva_lightning.backbones.loading import DTYPES, local_checkpoint
 from diva_lightning.backbones.zero import rows
@@ -61,6 +65,8 @@ class BackboneAdapter(nn.Module, abc.ABC):
     # conversion, shorter side resized (bicubic) and centre-cropped; else a picklable function
     # (PIL image, size) -> RGB PIL image of size x size: the model's own (Liquid's)
     image_preprocess = None
+    # True: the generation flow regresses image embeddings (see the module docstring)
+    continuous_targets = False
 
     def __init__(self, torch_dtype: str = "float32", max_caption_tokens: int | None = None):
         """Settings every adapter takes (subclasses forward them with ``**kwargs``).
@@ -115,6 +121,11 @@ class BackboneAdapter(nn.Module, abc.ABC):
     @property
     def codebook_size(self) -> int:
         return len(self.image_token_ids)
+
+    @property
+    def generation_width(self) -> int:
+        """Width of the generation flow's logits: the codebook, or the target embeddings' dim."""
+        return self.codebook_size
 
     @property
     def text_vocab_size(self) -> int:
@@ -187,12 +198,14 @@ class BackboneAdapter(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def tokenize_images(self, pixels: Tensor) -> Tensor:
-        """pixels (B, 3, H, W) in [0, 1] -> codes (B, N), with the VQ frozen and in eval mode."""
+        """pixels (B, 3, H, W) in [0, 1] -> codes (B, N), with the VQ frozen and in eval mode
+        (continuous targets: embeddings (B, N, D_t))."""
         expected = (3, self.image_size, self.image_size)
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"pixels must be (B, {expected}), got {tuple(pixels.shape)}")
         self.vq.eval()
-        return self._encode_images(pixels).long()
+        codes = self._encode_images(pixels)
+        return codes if self.continuous_targets else codes.long()
 
     @torch.no_grad()
     def decode_images(self, codes: Tensor) -> Tensor:
@@ -208,6 +221,8 @@ class BackboneAdapter(nn.Module, abc.ABC):
 
     def check_codes(self, codes: Tensor) -> None:
         """Raise a clear error for codes that do not fit this backbone's codebook and grid."""
+        if self.continuous_targets:
+            return self.check_target_embeddings(codes)
         if codes.dim() != 2 or codes.shape[1] != self.tokens_per_image:
             raise ValueError(
                 f"image codes must be (B, {self.tokens_per_image}) for grid {self.image_grid}, "
@@ -218,6 +233,18 @@ class BackboneAdapter(nn.Module, abc.ABC):
                 f"image codes must lie in [0, {self.codebook_size}), "
                 f"got [{int(codes.min())}, {int(codes.max())}]"
             )
+
+    def check_target_embeddings(self, targets: Tensor) -> None:
+        """Continuous targets must be finite floats (B, N, D_t), e.g. not a VQ's integer codes."""
+        expected = (self.tokens_per_image, self.generation_width)
+        if targets.dim() != 3 or tuple(targets.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} regresses image embeddings: its targets must be float "
+                f"(B, {expected[0]}, {expected[1]}) from tokenize_images, got "
+                f"{tuple(targets.shape)} {targets.dtype} (codes of a VQ do not apply)"
+            )
+        if not targets.is_floating_point() or not torch.isfinite(targets).all():
+            raise ValueError(f"target embeddings must be finite floats, got {targets.dtype}")
 
     # ---- flows ---------------------------------------------------------------------------------
     def _text(self, text: str) -> list[int]:
@@ -392,10 +419,12 @@ class BackboneAdapter(nn.Module, abc.ABC):
         if forward is None:
             raise ValueError(f"flow must be 'U' or 'G', got {flow!r}")
         capture = LayerCapture(self.decoder_layers, layers, batch.image_positions, pool, pool_mask)
-        with capture:
-            logits, targets = forward(batch)
+        with capture:  # a forward returns (logits, targets) or, continuous, (.., .., valid)
+            logits, targets, *valid = forward(batch)
         hidden = capture.stacked() if layers else logits.new_zeros(0)
-        return FlowOutput(hidden, logits, targets, supervised_cross_entropy(logits, targets))
+        out = FlowOutput(hidden, logits, targets, logits.new_zeros(()), *valid)
+        out.loss = out.loss_fn()(logits, targets)
+        return out
 
     # ---- freezing ------------------------------------------------------------------------------
     def check_layers(self, layers: Sequence[int]) -> None:

@@ -4,13 +4,16 @@ adapter shares (padding, supervised slots, the causal next-token shift, image-st
 
 Logits convention (``FlowOutput``): ``logits`` is ``(B, S, V)`` over the ``S`` supervised slots of
 each sample (padded), ``targets`` is ``(B, S)`` with ``-100`` at padding, and
-``loss = cross_entropy(logits, targets, ignore_index=-100)`` averaged over real slots.
+``loss = cross_entropy(logits, targets, ignore_index=-100)`` averaged over real slots. A generation
+flow with continuous targets (Nexus-Gen) returns predicted embeddings ``(B, S, D)`` as its logits,
+target embeddings ``(B, S, D)`` and ``valid`` ``(B, S)``; its loss is ``embedding_regression``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +52,17 @@ class FlowOutput:
     hidden: Tensor  # (B, L, N, D) image-token states, or (B, L, D) when pooled
     logits: Tensor  # (B, S, V) at supervised slots (text vocab for U, codebook order for G)
     targets: Tensor  # (B, S) class indices into V, IGNORE_INDEX at padding
-    loss: Tensor  # () native loss = CE(logits, targets)
+    loss: Tensor  # () native loss = loss_fn()(logits, targets)
+    # continuous targets: logits are predicted embeddings (B, S, D), targets (B, S, D), and
+    # valid (B, S) bool marks the real slots; None for class targets
+    valid: Tensor | None = None
+
+    def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The flow's native loss as ``fn(logits, targets)`` (stage 1 applies it to the injected
+        logits, Eq. 8): cross-entropy over real slots, or the regression over ``valid`` slots."""
+        if self.valid is None:
+            return supervised_cross_entropy
+        return partial(embedding_regression, valid=self.valid)
 
 
 def supervised_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -156,6 +156,7 @@ class DualFlowDataModule(L.LightningDataModule):
             raise ValueError(f"stream_timeout must be > 0 seconds, got {stream_timeout}")
         self.stream_timeout = stream_timeout
         self.backbone_needs_pixels = False
+        self.continuous_targets = False
         self.image_preprocess = None  # the backbone's (bind_backbone)
         self.shards: dict[str, list[str]] = {}
         self.split_uses_codes: dict[str, bool] = {}
@@ -165,10 +166,11 @@ class DualFlowDataModule(L.LightningDataModule):
     def bind_backbone(self, adapter) -> None:
         """Take image size, grid and codebook size from ``adapter`` (a ``BackboneAdapter``);
         values given as init args must agree. Then check the shards' codes against them."""
+        continuous = bool(getattr(adapter, "continuous_targets", False))
         facts = {
             "image_size": int(adapter.image_size),
             "image_grid": tuple(int(x) for x in adapter.image_grid),
-            "codebook_size": int(adapter.codebook_size),
+            "codebook_size": None if continuous else int(adapter.codebook_size),
         }
         for name, value in facts.items():
             given = getattr(self, name)
@@ -179,6 +181,7 @@ class DualFlowDataModule(L.LightningDataModule):
                 )
             setattr(self, name, value)
         self.backbone_needs_pixels = bool(adapter.needs_pixels_for_understanding)
+        self.continuous_targets = continuous  # targets come from pixels: shard codes unused
         self.image_preprocess = getattr(adapter, "image_preprocess", None)
         self.split_uses_codes.clear()  # re-probe with the new facts
         self._adapter = adapter
@@ -256,6 +259,13 @@ class DualFlowDataModule(L.LightningDataModule):
             if sample:
                 break
         has_codes = CODES_KEY in sample
+        if self.continuous_targets:
+            if self.use_codes:
+                raise ValueError(f"{split}_shards: use_codes=True, but the backbone regresses image "
+                                 "embeddings made from pixels (continuous_targets): set "
+                                 "use_codes: false")  # fmt: skip
+            self.split_uses_codes[split] = False
+            return False
         if self.use_codes and sample and not has_codes:
             raise ValueError(f"{split}_shards: use_codes=True but {url} has no {CODES_KEY}")
         uses = has_codes if self.use_codes is None else bool(self.use_codes)

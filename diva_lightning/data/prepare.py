@@ -191,6 +191,10 @@ def prepare(
         quiet: no progress bar and no printed summary.
     """
     synthetic = synthetic or 0
+    if backbone is not None and getattr(backbone, "continuous_targets", False):
+        raise ValueError(f"prepare: --backbone {type(backbone).__name__} regresses image embeddings "
+                         "computed from pixels during training (continuous_targets): there are "
+                         "no codes to store; prepare the shards without --backbone")  # fmt: skip
     if (synthetic > 0) == (images is not None or captions is not None):
         raise ValueError("prepare: give either --synthetic N or --images/--captions (not both)")
     out_dir = Path(out)

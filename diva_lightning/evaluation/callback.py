@@ -6,7 +6,8 @@ evaluation before any validation), and every ``every_n_steps`` optimizer steps:
 
 1. captions their images greedily (``decoding.greedy_captions``) and generates an image from each
    true caption through the generation flow (``decoding.maskgit_generate``, in the backbone's
-   ``generation_order``);
+   ``generation_order``; not for a backbone with continuous targets, whose images need its own
+   decoder);
 2. logs a captioned grid (real | reconstruction | generated) to TensorBoard (rank 0);
 3. when the captions are the shapes world's (``shapes.captions.world_of_captions``), scores them
    with the world's exact ground truth as ``torchmetrics`` metrics that add up across ranks:
@@ -129,8 +130,10 @@ class SampleEvaluation(Callback):
             stop_early = trainer.world_size == 1
             captions = greedy_captions(adapter, s["prompts"], max_tokens=self.max_caption_tokens,
                                        stop_early=stop_early, **understand)  # fmt: skip
-            generated = maskgit_generate(adapter, s["captions"], steps=self.generation_steps,
-                                         order=adapter.generation_order)  # fmt: skip
+            generated = None  # continuous targets (Nexus-Gen): embeddings, no codes to sample
+            if not adapter.continuous_targets:
+                generated = maskgit_generate(adapter, s["captions"], steps=self.generation_steps,
+                                             order=adapter.generation_order)  # fmt: skip
             real, recon, made = self._pixels(adapter, s["pixels"], codes, generated)
             metrics = self._scores(adapter, understand, captions, made, real)
         finally:
@@ -146,7 +149,7 @@ class SampleEvaluation(Callback):
         device = next(adapter.parameters()).device
         try:
             recon = adapter.decode_images(codes.to(device)).cpu()
-            made = adapter.decode_images(generated.to(device)).cpu()
+            made = None if generated is None else adapter.decode_images(generated.to(device)).cpu()
         except NotImplementedError as error:
             log.warning("SampleEvaluation: %s; the grid shows the real images only", error)
             recon = made = None

@@ -46,7 +46,9 @@ class LogitInjection(nn.Module):
 
     Args:
         text_vocab_size: ``V_t``, width of the understanding flow's logits.
-        codebook_size: ``V_v``, width of the generation flow's logits.
+        codebook_size: ``V_v``, width of the generation flow's logits (with continuous targets
+            the embeddings' width ``D_t``: ``A_G``, ``B_G`` are then additive corrections of the
+            predicted embeddings, docs/method-choices.md).
         shared_dim: ``d_sh``. unique_dim: ``d_uni``. rank: ``r`` (paper: 24).
         injection: ``cross_flow`` (paper Eq. 8) or ``same_flow_sum`` (authors' code).
     """

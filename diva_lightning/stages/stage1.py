@@ -99,7 +99,7 @@ class Stage1(DualFlowModule):
         self.alignment = SharedAlignment(tau, stop_gradient=False) if lambda_sha > 0 else None
         self.injection = LogitInjection(
             backbone.text_vocab_size,
-            backbone.codebook_size,
+            backbone.generation_width,  # the codebook, or the regressed embeddings' width
             self.encoders.shared_dim,
             self.encoders.unique_dim,
             readout_rank,
@@ -119,7 +119,9 @@ class Stage1(DualFlowModule):
         bias_u, bias_g = self.injection.biases(factors, use_unique=use_unique)  # (B, L, V)
         terms = {
             "loss_und_injected": injected_loss(out_u.logits, out_u.targets, bias_u),
-            "loss_gen_injected": injected_loss(out_g.logits, out_g.targets, bias_g),
+            "loss_gen_injected": injected_loss(
+                out_g.logits, out_g.targets, bias_g, native=out_g.loss_fn()
+            ),
             "loss_perp": orthogonality_loss(factors, self.hparams.perp_reduction),
             "loss_und": out_u.loss,
             "loss_gen": out_g.loss,

@@ -11,7 +11,11 @@ A test here fails for an adapter that breaks a convention the losses rely on
 (``docs/adding-a-backbone.md``): labels only on the answer, labels exactly at the masked codes,
 masked codes never reaching the model, codebook-order logits equal to the code columns of the
 full-vocabulary logits, captured states equal to ``output_hidden_states``, padding leaving a
-sample unchanged, exact save -> load, a frozen VQ, and layer freezing. Layout facts that differ
+sample unchanged, exact save -> load, a frozen VQ, and layer freezing. An adapter with continuous
+targets (``continuous_targets``: the generation flow regresses embeddings) passes the same tests
+read for regression: targets exactly the masked embeddings, the loss the manual
+``0.5 MSE + 0.5 (1 - cos)``, predictions equal to the generation head on the full states (its
+``full_logits`` of flow G). Layout facts that differ
 between architectures are class attributes or small hook methods (``full_logits``,
 ``reference_hidden_states``); the defaults fit a transformers causal LM whose image codes are
 vocabulary ids (``adapter.image_token_ids``) with ``language_model`` and an LM head.
@@ -49,7 +53,10 @@ class AdapterConformance:
         return self.adapter_class.tiny(**self.tiny_kwargs)
 
     def code_columns(self, adapter: BackboneAdapter) -> Tensor:
-        """(K,) column of each code, in codebook order, in ``full_logits`` of the G flow."""
+        """(K,) column of each code, in codebook order, in ``full_logits`` of the G flow (every
+        column for continuous targets)."""
+        if adapter.continuous_targets:
+            return torch.arange(adapter.generation_width)
         return adapter.image_token_ids
 
     def answer_ids(self, adapter: BackboneAdapter, prompt: str, caption: str) -> list[int]:
@@ -147,16 +154,27 @@ class AdapterConformance:
                 assert torch.equal(at[~mask[i]], visible[i][~mask[i]])
             labelled = torch.nonzero(batch.labels[i] != IGNORE_INDEX).flatten()
             assert labelled.tolist() == batch.image_positions[i][mask[i]].tolist()
-            assert batch.labels[i, labelled].tolist() == codes[i][mask[i]].tolist()
+            if not adapter.continuous_targets:  # a class label is the code; else a marker
+                assert batch.labels[i, labelled].tolist() == codes[i][mask[i]].tolist()
         out = adapter.forward_flow(batch, "G")
-        assert out.logits.shape[-1] == adapter.codebook_size
+        assert out.logits.shape[-1] == adapter.generation_width
+        if adapter.continuous_targets:
+            pred, target = out.logits[out.valid].float(), out.targets[out.valid].float()  # (n, D)
+            assert torch.equal(target, codes[mask].float())
+            cos = (pred * target).sum(-1) / (pred.norm(dim=-1) * target.norm(dim=-1))
+            manual = 0.5 * ((pred - target) ** 2).mean() + 0.5 * (1 - cos).mean()
+            torch.testing.assert_close(out.loss, manual)
+            return
         assert out.targets[out.targets != IGNORE_INDEX].tolist() == codes[mask].tolist()
         manual = F.cross_entropy(out.logits.flatten(0, 1), out.targets.flatten(), ignore_index=-100)
         torch.testing.assert_close(out.loss, manual)
 
     def test_masked_codes_never_reach_the_model(self, adapter, codes):
         mask = self.mask(adapter)
-        swapped = torch.where(mask, (codes + 17) % adapter.codebook_size, codes)
+        if adapter.continuous_targets:
+            swapped = codes + mask[..., None] * torch.randn_like(codes)
+        else:
+            swapped = torch.where(mask, (codes + 17) % adapter.codebook_size, codes)
         out = adapter.forward_flow(adapter.build_generation(self.captions, codes, mask), "G")
         other = adapter.forward_flow(adapter.build_generation(self.captions, swapped, mask), "G")
         assert torch.equal(out.logits, other.logits)
@@ -170,7 +188,7 @@ class AdapterConformance:
             slots = torch.nonzero(batch.labels[i] != IGNORE_INDEX).flatten()
             expected = full[i, slots - self.generation_shift]
             torch.testing.assert_close(out.logits[i, : len(slots)], expected, rtol=1e-4, atol=1e-4)
-            assert (out.targets[i, len(slots) :] == IGNORE_INDEX).all()
+            assert not real_slots(out)[i, len(slots) :].any()
 
     @pytest.mark.parametrize("flow", ["U", "G"])
     def test_hidden_states_equal_output_hidden_states(self, adapter, pixels, codes, flow):
@@ -195,7 +213,7 @@ class AdapterConformance:
         alone = adapter.forward_flow(
             self.batch(adapter, flow, pixels, codes, [0]), flow, self.layers
         )
-        slots = int((alone.targets[0] != IGNORE_INDEX).sum())
+        slots = int(real_slots(alone)[0].sum())
         torch.testing.assert_close(both.logits[0, :slots], alone.logits[0, :slots])
         torch.testing.assert_close(both.hidden[0], alone.hidden[0])
 
@@ -241,6 +259,19 @@ class AdapterConformance:
             adapter.unfreeze_layers(adapter.num_layers, adapter.num_layers + 1)
 
     def test_codes_and_pixels_are_checked(self, adapter, codes):
+        if adapter.continuous_targets:
+            n, width = adapter.tokens_per_image, adapter.generation_width
+            assert codes.shape == (2, n, width) and codes.is_floating_point()
+            for bad in (codes[:, :3], codes[..., 0].long(), codes.round().long()):
+                with pytest.raises(ValueError, match="targets must be|finite floats"):
+                    adapter.build_generation(
+                        self.captions, bad, self.mask(adapter)[:, : bad.shape[1]]
+                    )
+            with pytest.raises(ValueError, match="pixels must be"):
+                adapter.tokenize_images(
+                    torch.rand(2, 3, adapter.image_size // 2, adapter.image_size)
+                )
+            return
         n, k = adapter.tokens_per_image, adapter.codebook_size
         assert codes.shape == (2, n) and codes.dtype == torch.long
         assert int(codes.min()) >= 0 and int(codes.max()) < k
@@ -265,3 +296,8 @@ class AdapterConformance:
         again = adapter.forward_flow(batch, "G", self.layers[:2])
         torch.testing.assert_close(plain.loss, again.loss)
         torch.testing.assert_close(plain.hidden, again.hidden)
+
+
+def real_slots(out) -> Tensor:
+    """(B, S) bool: the supervised slots of a flow's output (class or continuous targets)."""
+    return out.valid if out.valid is not None else out.targets != IGNORE_INDEX
