@@ -36,13 +36,14 @@ def test_tiny_configs_parse(stage, capsys):
     assert "diva-cli fit" in path.read_text().splitlines()[1]
 
 
-@pytest.mark.parametrize("name", ["showo", "liquid"])
+@pytest.mark.parametrize("name", ["showo", "liquid", "nexus_gen"])
 def test_tiny_backbone_overlays_parse(name, capsys):
     path = CONFIGS / "tiny" / f"{name}.yaml"
     out = print_config(
         [*TINY, "--config", str(CONFIGS / "tiny/stage1.yaml"), "--config", str(path)], capsys
     )
-    assert {"showo": "ShowoAdapter", "liquid": "LiquidAdapter"}[name] in out
+    adapters = {"showo": "ShowoAdapter", "liquid": "LiquidAdapter", "nexus_gen": "NexusGenAdapter"}
+    assert adapters[name] in out
 
 
 def test_unknown_key_fails_with_exit_code_2_naming_it(capsys):

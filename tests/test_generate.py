@@ -149,5 +149,7 @@ def test_bad_prompts_and_backbones_are_refused_before_loading(models, tmp_path):
     assert not ChameleonAdapter.can_decode_images() and Emu3Adapter.can_decode_images()
     with pytest.raises(ValueError, match="no pixel decoder"):
         generate(pretrained=tmp_path, backbone="chameleon", prompts=text, out=tmp_path / "o")
+    with pytest.raises(ValueError, match="image embeddings.*FLUX.1-dev"):
+        generate(pretrained=tmp_path, backbone="nexus-gen", prompts=text, out=tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts(tmp_path / "missing.jsonl")

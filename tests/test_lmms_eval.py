@@ -149,7 +149,7 @@ def test_wrong_model_args_are_refused_before_loading(setup):
         DivaLMM(pretrained=str(root / "missing"))
 
 
-@pytest.mark.parametrize("backbone", ["emu3", "janus", "chameleon", "showo", "liquid"])
+@pytest.mark.parametrize("backbone", ["emu3", "janus", "chameleon", "showo", "liquid", "nexus-gen"])
 def test_every_adapter_answers_both_request_kinds(backbone, tmp_path):
     """Understanding and likelihood requests on each adapter, from its saved folder (Janus
     reads pixels, the others codes)."""

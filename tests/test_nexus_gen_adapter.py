@@ -166,3 +166,22 @@ def test_the_understanding_sample_matches_their_training_forward(theirs, golden)
         out.logits[0], golden["und_logits_at_answer_positions"], rtol=0, atol=1e-5
     )
     assert float(out.loss) == pytest.approx(float(golden["und_loss_ce"]), abs=1e-5)
+
+
+def test_text_to_image_inference_reproduces_their_greedy_run(theirs, golden):
+    embeds = theirs.generate_image_embeddings(["A red cat sitting on a mat."])  # (1, 81, D)
+    torch.testing.assert_close(embeds, golden["t2i_infer_image_embeds"], rtol=0, atol=1e-5)
+
+
+def test_pixels_need_the_decoder_and_a_decoder_gets_the_embeddings(theirs, golden):
+    with pytest.raises(ValueError, match="FLUX.1-dev decoder"):
+        theirs.generate_images(["A red cat sitting on a mat."])
+    seen = []
+
+    def decoder(embeds):
+        seen.append(embeds)
+        return torch.full((len(embeds), 3, 8, 8), 2.0)
+
+    pixels = theirs.generate_images(["A red cat sitting on a mat."], decoder=decoder)
+    torch.testing.assert_close(seen[0], golden["t2i_infer_image_embeds"], rtol=0, atol=1e-5)
+    assert pixels.shape == (1, 3, 8, 8) and float(pixels.max()) == 1.0

@@ -150,6 +150,10 @@ def generate(*, pretrained: Path, backbone: str, prompts: Path, out: Path, forma
                          f">= 1, got n={n}, batch_size={batch_size}")  # fmt: skip
     items = read_prompts(prompts, format)
     cls = adapter_class(backbone)
+    if cls.continuous_targets:
+        raise ValueError(f"generate: {cls.__name__} generates image embeddings; its pixels need "
+                         "the model's own separately trained decoder (Nexus-Gen: FLUX.1-dev), "
+                         "not shipped here: see the adapter's generate_images")  # fmt: skip
     if not cls.can_decode_images():
         raise ValueError(f"generate: {cls.__name__} has no pixel decoder in this library, so it "
                          "cannot write images (generation needs the VQ decoder)")  # fmt: skip

@@ -22,7 +22,8 @@ from torch import nn
 
 # Released checkpoints, from their model cards' config.json. ``extra_params``: the frozen image
 # tokenizer / vision towers (approximate: they are never trained, so they only cost their bf16
-# copy). ``image_tokens`` at the resolution the paper trains: Show-o 256 px -> 16 x 16; Liquid
+# copy; Nexus-Gen: the 0.67B tower, vision_head and the 81 prefill rows). ``codebook``: the width
+# of the generation flow's logits (Nexus-Gen: the regressed embeddings). ``image_tokens`` at the resolution the paper trains: Show-o 256 px -> 16 x 16; Liquid
 # 512 px -> 32 x 32; Emu3 512 px -> 64 x 64 codes plus one end-of-row token per row.
 PUBLISHED: dict[str, dict] = {
     "showo-256": dict(
@@ -45,9 +46,15 @@ PUBLISHED: dict[str, dict] = {
         vocab=184622, text_vocab=184622, codebook=32768, tied=False,
         image_tokens=64 * 64 + 64, text_tokens=128, extra_params=int(0.27e9),
     ),
+    "nexus-gen": dict(  # Qwen2.5-VL-7B-Instruct + vision_head (3584 -> 3584): 81 regressed embeddings
+        hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, head_dim=128,
+        vocab=152064, text_vocab=152064, codebook=3584, tied=False,
+        image_tokens=81, text_tokens=128, extra_params=int(0.69e9),
+    ),
 }  # fmt: skip
 # which published shape an adapter class plans with, when its config names no preset
-DEFAULT_SHAPE = {"ShowoAdapter": "showo-256", "LiquidAdapter": "liquid", "Emu3Adapter": "emu3"}
+DEFAULT_SHAPE = {"ShowoAdapter": "showo-256", "LiquidAdapter": "liquid", "Emu3Adapter": "emu3",
+                 "NexusGenAdapter": "nexus-gen"}  # fmt: skip
 
 # The config keys each dimension has in transformers configs.
 CONFIG_KEYS = {

@@ -43,6 +43,7 @@ from diva_lightning.backbones.flows import (
 from diva_lightning.backbones.loading import local_checkpoint
 from diva_lightning.backbones.nexus_gen import embeds, layout, vision
 from diva_lightning.backbones.nexus_gen.checkpoint import EXTRA
+from diva_lightning.backbones.nexus_gen.sampling import greedy_generate
 from diva_lightning.backbones.nexus_gen.tiny import tiny_config, tiny_tokenizer
 
 HEADS_FILE = "nexus_gen_heads.safetensors"  # vision_head and image_prefill_embeds, when saved here
@@ -222,6 +223,46 @@ class NexusGenAdapter(BackboneAdapter):
         picked, valid = picked.to(hidden.device), valid.to(hidden.device)  # (B, S)
         pred = self.vision_head(take_positions(hidden, torch.gather(slots, 1, picked)))
         return pred, take_positions(targets, picked).to(pred.dtype), valid
+
+    # ---- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_image_embeddings(
+        self, captions: Sequence[str], max_new_tokens: int = 128
+    ) -> Tensor:
+        """Nexus-Gen's own text-to-image inference -> (B, 81, D) image embeddings.
+
+        Their greedy loop with prefilled autoregression (``sampling.greedy_generate``, one
+        caption at a time, as their ``_sample``): the generation prompt, the answer prefix
+        "Here is an image based on the description: " and ``<|vision_start|>`` imposed (a
+        trained model writes them itself), then the 81 prefill steps."""
+        system, user_words = self._text(self.SYSTEM), self._text(self.GENERATION_USER)
+        forced = [*self._text(self.GENERATION_ANSWER), self.tokens.vision_start]
+        rows = []
+        for caption in captions:
+            user = [*user_words, *self.caption_ids(" " + caption)]
+            prompt = layout.chat_sample(system, user, [], self.tokens)[0][:-1]  # no <|im_end|>
+            out = greedy_generate(self.model, self.vision_head.weight,
+                                  self.image_prefill_embeds.weight, prompt, self.tokens,
+                                  {self.tokens.im_end}, max(max_new_tokens, len(forced) + 82),
+                                  forced=forced)  # fmt: skip
+            rows.append(out["image_embeds"])
+        return torch.stack(rows)
+
+    def generate_images(self, captions: Sequence[str], decoder=None) -> Tensor:
+        """Captions -> pixels (B, 3, H, W) in [0, 1] through ``decoder`` (a callable on the
+        (B, 81, D) embeddings: Nexus-Gen's separately trained FLUX.1-dev decoder, which this
+        library does not ship). Without one: a ``ValueError`` saying so."""
+        if decoder is None:
+            raise ValueError(
+                "NexusGenAdapter generates image embeddings, not pixels: rendering them needs "
+                "Nexus-Gen's FLUX.1-dev decoder (their repository; not a dependency here). Pass "
+                "decoder=<callable (B, 81, D) -> (B, 3, H, W) in [0, 1]>, or call "
+                "generate_image_embeddings"
+            )
+        pixels = decoder(self.generate_image_embeddings(captions))
+        if pixels.dim() != 4 or pixels.shape[:2] != (len(captions), 3):
+            raise ValueError(f"decoder must return (B, 3, H, W) pixels, got {tuple(pixels.shape)}")
+        return pixels.clamp(0, 1)
 
     # ---- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
