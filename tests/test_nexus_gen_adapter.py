@@ -145,7 +145,10 @@ def test_the_generation_sample_matches_their_training_forward(theirs, golden):
     batch = theirs.build_generation([caption], targets, torch.ones(1, 81, dtype=torch.bool))
     assert torch.equal(batch.input_ids, golden["gen_input_ids"])
     assert torch.equal(batch.labels != -100, golden["gen_labels"] == theirs.tokens.image_pad)
-    out = theirs.forward_flow(batch, "G")
+    assert torch.equal(theirs.rope_positions(batch), golden["gen_position_ids"])
+    out = theirs.forward_flow(batch, "G", [1], pool=False)  # block 1's output at the pads
+    layer0 = golden["gen_layer0_output"][0, batch.image_positions[0]]  # (81, D)
+    torch.testing.assert_close(out.hidden[0, 0], layer0, rtol=0, atol=1e-5)
     assert out.valid.all() and out.logits.shape == (1, 81, 64)
     torch.testing.assert_close(out.logits[0], golden["gen_image_pred_embeds"], rtol=0, atol=1e-5)
     assert float(out.loss) == pytest.approx(float(golden["gen_loss_img"]), abs=1e-5)
@@ -161,6 +164,7 @@ def test_the_understanding_sample_matches_their_training_forward(theirs, golden)
     torch.testing.assert_close(
         batch.extra["pixel_values"], golden["und_pixel_values"], rtol=0, atol=0
     )
+    assert torch.equal(theirs.rope_positions(batch), golden["und_position_ids"])
     out = theirs.forward_flow(batch, "U")
     torch.testing.assert_close(
         out.logits[0], golden["und_logits_at_answer_positions"], rtol=0, atol=1e-5

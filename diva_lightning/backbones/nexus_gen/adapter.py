@@ -193,14 +193,19 @@ class NexusGenAdapter(BackboneAdapter):
             rows, {"targets": codes, "gen_mask": mask.bool(), "image_grid_thw": grid}
         )
 
+    def rope_positions(self, batch: FlowBatch) -> Tensor:
+        """(3, B, T) 3-D rotary positions of a flow (transformers' ``get_rope_index``)."""
+        ids, grid = batch.input_ids, batch.extra["image_grid_thw"]
+        types = (ids == self.tokens.image_pad).int()  # 1 at image tokens
+        positions, _ = self.model.model.get_rope_index(
+            ids, types, grid, None, None, batch.attention_mask
+        )
+        return positions
+
     def _hidden(self, batch: FlowBatch, inputs: Tensor) -> Tensor:
         """(B, T, D) final states of the language model on ``inputs`` at 3-D rotary positions."""
-        ids, attention = batch.input_ids, batch.attention_mask
-        types = (ids == self.tokens.image_pad).int()
-        grid = batch.extra["image_grid_thw"]
-        positions, _ = self.model.model.get_rope_index(ids, types, grid, None, None, attention)
-        out = self.language_model(inputs_embeds=inputs, attention_mask=attention,
-                                  position_ids=positions)  # fmt: skip
+        out = self.language_model(inputs_embeds=inputs, attention_mask=batch.attention_mask,
+                                  position_ids=self.rope_positions(batch))  # fmt: skip
         return out.last_hidden_state
 
     def _forward_understanding(self, batch: FlowBatch) -> tuple[Tensor, Tensor]:
