@@ -19,10 +19,8 @@ Logits (``flows.FlowOutput``): the understanding flow's ``V`` is the text vocabu
 generation flow's the codebook, in codebook order (code ``k`` is column ``k``). Stage 1 adds a
 per-sample bias ``(B, V)`` to them (Eq. 8): an adapter never returns logits it does not score.
 
-Continuous targets (``continuous_targets = True``, Nexus-Gen): the "codes" of an image are the
-embeddings its generation head regresses, ``(B, N, D_t)`` floats from ``tokenize_images``; the
-generation flow returns the predicted embeddings at the masked slots as its logits (width
-``generation_width = D_t``) with ``FlowOutput.valid``, and its native loss is the regression.
+Continuous targets (``continuous_targets``, Nexus-Gen): "codes" are the regressed embeddings
+``(B, N, D_t)``; flow G returns the predicted ones (``generation_width = D_t``, ``FlowOutput.valid``).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer
 
+from diva_lightning.backbones import checks
 from diva_lightning.backbones.flows import (
     IGNORE_INDEX,
     FlowBatch,
@@ -220,31 +219,14 @@ class BackboneAdapter(nn.Module, abc.ABC):
         return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
     def check_codes(self, codes: Tensor) -> None:
-        """Raise a clear error for codes that do not fit this backbone's codebook and grid."""
+        """Raise a clear error for codes that do not fit this backbone's codebook and grid (or,
+        continuous targets, embeddings that are not (B, N, ``generation_width``) floats)."""
         if self.continuous_targets:
-            return self.check_target_embeddings(codes)
-        if codes.dim() != 2 or codes.shape[1] != self.tokens_per_image:
-            raise ValueError(
-                f"image codes must be (B, {self.tokens_per_image}) for grid {self.image_grid}, "
-                f"got {tuple(codes.shape)}"
+            name = type(self).__name__
+            return checks.check_target_embeddings(
+                codes, self.tokens_per_image, self.generation_width, name
             )
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(
-                f"image codes must lie in [0, {self.codebook_size}), "
-                f"got [{int(codes.min())}, {int(codes.max())}]"
-            )
-
-    def check_target_embeddings(self, targets: Tensor) -> None:
-        """Continuous targets must be finite floats (B, N, D_t), e.g. not a VQ's integer codes."""
-        expected = (self.tokens_per_image, self.generation_width)
-        if targets.dim() != 3 or tuple(targets.shape[1:]) != expected:
-            raise ValueError(
-                f"{type(self).__name__} regresses image embeddings: its targets must be float "
-                f"(B, {expected[0]}, {expected[1]}) from tokenize_images, got "
-                f"{tuple(targets.shape)} {targets.dtype} (codes of a VQ do not apply)"
-            )
-        if not targets.is_floating_point() or not torch.isfinite(targets).all():
-            raise ValueError(f"target embeddings must be finite floats, got {targets.dtype}")
+        checks.check_codes(codes, self.tokens_per_image, self.codebook_size, self.image_grid)
 
     # ---- flows ---------------------------------------------------------------------------------
     def _text(self, text: str) -> list[int]:
@@ -269,13 +251,7 @@ class BackboneAdapter(nn.Module, abc.ABC):
 
     def check_positions(self, batch: FlowBatch, flow: str) -> None:
         """A flow longer than the position embeddings is an error, never a silent overrun."""
-        length, limit = batch.labels.shape[1], self.max_positions
-        if limit is not None and length > limit:
-            raise ValueError(
-                f"{type(self).__name__}: a {flow} sequence of {length} tokens exceeds the "
-                f"backbone's {limit} position embeddings; lower max_caption_tokens (now "
-                f"{self.caption_token_limit}) or shorten the prompts"
-            )
+        checks.check_positions(batch.labels.shape[1], self.max_positions, flow, self)
 
     # Token layouts: each flow as one right-padded token sequence, the text around the image from
     # the ``_*_text`` hooks, the image block from ``_image_block`` (Show-o overrides ``_layout_*``).
@@ -512,22 +488,10 @@ class BackboneAdapter(nn.Module, abc.ABC):
         self.special = self.special_ids(tokens)
         self.register_buffer("image_token_ids", image_token_ids.long(), persistent=False)
         if "mask" in tokens:
-            self.check_mask_token(tokens["mask"])
+            checks.check_mask_token(
+                self.special, self.image_token_ids, self.tokenizer, tokens["mask"]
+            )
 
     def special_ids(self, tokens: dict[str, str]) -> dict[str, int]:
         """Ids of named special tokens, or an error naming every one the tokenizer lacks."""
-        vocab = self.tokenizer.get_vocab()
-        missing = [token for token in tokens.values() if token not in vocab]
-        if missing:
-            raise ValueError(f"{type(self).__name__}: the tokenizer lacks the tokens {missing}")
-        return {name: vocab[token] for name, token in tokens.items()}
-
-    def check_mask_token(self, name: str) -> None:
-        """The generation flow's mask token must be neither an image code nor a layout token."""
-        mask = self.special["mask"]
-        if mask in set(self.image_token_ids.tolist()):
-            raise ValueError(f"mask token {name!r} is an image code")
-        layout = {v for k, v in self.special.items() if k != "mask"}
-        layout |= {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id}
-        if mask in layout | {self.tokenizer.pad_token_id}:
-            raise ValueError(f"mask token {name!r} is a layout token (BOS/EOS/pad or a marker)")
+        return checks.special_ids(self.tokenizer, tokens, type(self).__name__)
