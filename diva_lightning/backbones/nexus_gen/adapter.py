@@ -220,7 +220,8 @@ class NexusGenAdapter(BackboneAdapter):
         """-> (predicted embeddings (B, S, D), targets (B, S, D), valid (B, S)) at the masked pads."""
         targets, masked = batch.extra["targets"], batch.extra["gen_mask"]  # (B, N, D), (B, N)
         tokens = self.language_model.get_input_embeddings()(batch.input_ids)
-        prefill = self.image_prefill_embeds.weight
+        rows = torch.arange(self.tokens_per_image, device=tokens.device)
+        prefill = self.image_prefill_embeds(rows)  # (N, D); a module call: ZeRO-3 gathers it
         inputs = embeds.generation_embeds(tokens, batch.image_positions, prefill, targets, masked)
         hidden = self._hidden(batch, inputs)  # (B, T, D)
         slots = embeds.prediction_slots(batch.image_positions)  # (B, N)
