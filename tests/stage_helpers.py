@@ -100,3 +100,12 @@ def rank_zero_messages(caplog):
     finally:
         logger.removeHandler(caplog.handler)
         logger.propagate = propagate
+
+
+def synthetic_shards(root: Path, train: int, val: int) -> Path:
+    """``root/train`` and ``root/val`` shapes-world shards (seeds 0 and 1) -> ``root``."""
+    from diva_lightning.data.prepare import prepare
+
+    prepare(str(root / "train"), synthetic=train, max_count=min(train, 48), seed=0, quiet=True)
+    prepare(str(root / "val"), synthetic=val, max_count=val, seed=1, quiet=True)
+    return root

@@ -9,17 +9,14 @@ import pytest
 import torch
 
 from diva_lightning.cli import build_cli
-from diva_lightning.data.prepare import prepare
+from tests.stage_helpers import synthetic_shards
 
 TINY = ["--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml"]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    prepare(str(root / "train"), synthetic=96, max_count=48, seed=0, quiet=True)
-    prepare(str(root / "val"), synthetic=16, max_count=16, seed=1, quiet=True)
-    return root
+    return synthetic_shards(tmp_path_factory.mktemp("shapes"), train=96, val=16)
 
 
 def fit_args(stage, shards, out, *extra):

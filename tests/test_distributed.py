@@ -181,12 +181,15 @@ def test_deepspeed_stage2_with_ema_targets_resumes_and_agrees_across_zero_stages
 
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
-def test_zero3_with_every_parameter_partitioned_trains_liquid(tmp_path):
+@pytest.mark.parametrize("backbone", ["liquid", "nexus_gen"])
+def test_zero3_with_every_parameter_partitioned_trains(backbone, tmp_path):
     """Under ZeRO-3 a real 7B model's LM head is partitioned (tiny ones stay whole below the
-    persistence threshold): with the threshold at 0, the generation flow still reads the code
-    rows of the partitioned head (outside its module's forward) and two steps train. Sampling
-    at step 2 (``SampleEvaluation``) runs the generation flow alone, with no understanding
-    forward before it to gather the head: it crashed on an H200 (IndexError, empty head)."""
+    persistence threshold): with the threshold at 0, the generation flow still reads what it
+    needs of partitioned modules and two steps train. Liquid reads the code rows of the head
+    outside its module's forward; Nexus-Gen its prefill rows, vision head and frozen tower
+    (``configs/nexus_gen`` runs ZeRO-3). Sampling at step 2 (``SampleEvaluation``) runs the
+    generation flow alone, with no understanding forward before it to gather the head: it
+    crashed on an H200 (IndexError, empty head)."""
     from diva_lightning.data.prepare import prepare
 
     prepare(str(tmp_path / "train"), synthetic=32, max_count=16, seed=0, quiet=True)
@@ -198,7 +201,7 @@ def test_zero3_with_every_parameter_partitioned_trains_liquid(tmp_path):
     )
     run = _diva_cli(
         "fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
-        "--config", "configs/tiny/sft.yaml", "--config", "configs/tiny/liquid.yaml",
+        "--config", "configs/tiny/sft.yaml", "--config", f"configs/tiny/{backbone}.yaml",
         "--config", str(strategy), f"--data.init_args.train_shards={tmp_path / 'train'}",
         "--data.init_args.val_shards=null", "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=2", "--trainer.devices=2", "--trainer.limit_val_batches=0",
@@ -208,38 +211,10 @@ def test_zero3_with_every_parameter_partitioned_trains_liquid(tmp_path):
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    losses = _scalars(tmp_path, "train/loss")
-    assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
+    for name in ("train/loss", "train/loss_gen"):
+        losses = _scalars(tmp_path, name)
+        assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
     assert 2 in _scalars(tmp_path, "eval/caption_score"), "no evaluation at step 2"
-
-
-@pytest.mark.distributed
-@pytest.mark.timeout(900)
-def test_zero3_with_every_parameter_partitioned_trains_nexus_gen(tmp_path):
-    """Nexus-Gen under ZeRO-3 with every parameter partitioned: the prefill rows, the vision head
-    and the frozen tower are read inside their modules' forwards (gathered), and two steps of
-    SFT train with finite losses (``configs/nexus_gen`` runs ZeRO-3)."""
-    from diva_lightning.data.prepare import prepare
-
-    prepare(str(tmp_path / "train"), synthetic=16, max_count=8, seed=0, quiet=True)
-    strategy = tmp_path / "strategy.yaml"
-    strategy.write_text(
-        "trainer:\n  strategy:\n    class_path: diva_lightning.strategies.CPUDeepSpeedStrategy\n"
-        "    init_args:\n      config:\n        train_micro_batch_size_per_gpu: 2\n"
-        "        zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}\n"
-    )
-    run = _diva_cli(
-        "fit", "--config", "configs/tiny/trainer.yaml", "--config", "configs/tiny/data.yaml",
-        "--config", "configs/tiny/sft.yaml", "--config", "configs/tiny/nexus_gen.yaml",
-        "--config", str(strategy), f"--data.init_args.train_shards={tmp_path / 'train'}",
-        "--data.init_args.val_shards=null", "--data.init_args.num_workers=0",
-        "--data.init_args.batch_size=2", "--trainer.devices=2", "--trainer.limit_val_batches=0",
-        "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    losses = _scalars(tmp_path, "train/loss_gen")
-    assert sorted(losses) == [0, 1] and all(math.isfinite(v) for v in losses.values())
 
 
 def _launch(args: list[str], env: dict, log: Path) -> subprocess.Popen:

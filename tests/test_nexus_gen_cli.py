@@ -4,7 +4,7 @@ tiny random Nexus-Gen and synthetic shards (``configs/tiny/nexus_gen.yaml``)."""
 
 import pytest
 
-from diva_lightning.data.prepare import prepare
+from tests.stage_helpers import synthetic_shards
 from tests.test_cli_stages import assert_logged_finite, fit_args, run
 
 NEXUS = ["--config", "configs/tiny/nexus_gen.yaml"]
@@ -12,10 +12,7 @@ NEXUS = ["--config", "configs/tiny/nexus_gen.yaml"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    prepare(str(root / "train"), synthetic=16, max_count=16, seed=0, quiet=True)
-    prepare(str(root / "val"), synthetic=4, max_count=4, seed=1, quiet=True)
-    return root
+    return synthetic_shards(tmp_path_factory.mktemp("shapes"), train=16, val=4)
 
 
 def fit(stage, shards, out, *extra):
