@@ -11,7 +11,7 @@ model is lmms-eval's "simple" kind, so multiple-choice and log-likelihood tasks 
 ``model_args``:
 
 * ``pretrained``: a folder written by ``diva-cli export`` (or any adapter's ``save_pretrained``);
-* ``backbone``: ``emu3``, ``janus``, ``chameleon``, ``showo``, ``liquid`` or an adapter's class path;
+* ``backbone``: ``emu3``, ``janus``, ``chameleon``, ``showo``, ``liquid``, ``nexus-gen`` or an adapter's class path;
 * ``mode``: as lmms-eval's unified models (its Bagel model): ``understanding`` answers with text;
   ``generate`` turns each request's text into an image through the generation flow, saves it
   under ``output_dir`` and answers ``{"text": "", "images": [path]}`` as Bagel does;
