@@ -126,9 +126,8 @@ def generate(*, pretrained: Path, backbone: str, prompts: Path, out: Path, forma
 
     Args:
         pretrained: a folder written by ``diva-cli export`` (an adapter's ``save_pretrained``).
-        backbone: ``emu3``, ``janus``, ``chameleon``, ``showo``, ``liquid``, ``nexus-gen`` (no
-            images without its decoder) or an adapter's
-            class path.
+        backbone: ``emu3``, ``janus``, ``chameleon``, ``showo``, ``liquid`` or an adapter's
+            class path (``nexus-gen`` is refused: its images need its own decoder).
         prompts: GenEval metadata JSONL, DPG-Bench prompt folder, or a text file.
         out: output folder; a folder of another run (other settings) is refused.
         format: ``auto``, ``geneval``, ``dpg`` or ``text``.
