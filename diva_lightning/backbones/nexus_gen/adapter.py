@@ -78,7 +78,9 @@ class NexusGenAdapter(BackboneAdapter):
             self.model, heads = model.to(self.torch_dtype), None
         width = self.hidden_size
         self.vision_head = nn.Linear(width, width, bias=False, dtype=self.torch_dtype)
-        self.image_prefill_embeds = nn.Embedding(81, width, dtype=self.torch_dtype)
+        self.image_prefill_embeds = nn.Embedding(
+            self.tokens_per_image, width, dtype=self.torch_dtype
+        )
         if heads is not None:
             self.load_state_dict(heads, strict=False)
         self.tokens = self._chat_tokens()
