@@ -3,6 +3,8 @@ runs' small files into the repository, ``keep restore`` puts them back without o
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 from pathlib import Path
 
 import torch
@@ -44,14 +46,21 @@ def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_pa
         "base-abc/stage1-v2/stage1-1234/seed0/stage1_encoders/factors.json",
         "base-abc/stage1-v2/stage1-1234/seed0/overrides.json",
         "v2/final/Base_SFT/seed0/record.json", "v2/final/Base_SFT/seed0/samples.pt",
-        "v2/final/Base_SFT/seed0/gradient_balance.json",
+        "v2/final/Base_SFT/seed0/gradient_balance.json", "weights.sha256",
     }  # fmt: skip
+    weights = "v2/final/Base_SFT/seed0/model/w.safetensors"  # not kept: its hash is
+    digest = hashlib.sha256(b"x").hexdigest()
+    assert (kept / "weights.sha256").read_text() == f"{digest}  {weights}\n"
+    check = subprocess.run(["sha256sum", "-c", kept / "weights.sha256"], cwd=runs)
+    assert check.returncode == 0  # the format sha256sum checks a rebuilt run against
     kept_samples = kept / "v2/final/Base_SFT/seed0/samples.pt"
     torch.testing.assert_close(torch.load(kept_samples), images[:4])
     assert kept_samples.stat().st_size < (done / "samples.pt").stat().st_size / 8
     fresh = tmp_path / "fresh"
-    assert restore(kept, fresh) == 10 and files(fresh) == files(kept)
+    assert restore(kept, fresh) == 10 and files(fresh) == files(kept) - {"weights.sha256"}
     write(fresh / "v2/final/Base_SFT/seed0/record.json", "newer")
     (fresh / "base-abc/tokenizer.pt").unlink()
     assert restore(kept, fresh) == 1  # only the missing file; the newer record stays
     assert (fresh / "v2/final/Base_SFT/seed0/record.json").read_text() == "newer"
+    assert save(fresh, kept) == 10  # no weights in `fresh`: their recorded hash stays
+    assert weights in (kept / "weights.sha256").read_text()

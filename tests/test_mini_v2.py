@@ -12,6 +12,7 @@ from benchmarks.mini.base import plateau
 from benchmarks.mini.config import v2, v2_quick, v2_smoke
 from benchmarks.mini.grid import FAMILIES, grid_points, select
 from benchmarks.mini.qa import qa_pairs
+from benchmarks.mini.report_v2 import effective_setting, settings_table, timing_table
 from diva_lightning.data.shapes_v2 import ShapesWorldV2
 from diva_lightning.evaluation.shapes.captions import parse_caption
 
@@ -113,9 +114,9 @@ def test_smoke_protocol_end_to_end_reads_the_eval_split_only_in_final(tmp_path, 
         assert 0.0 <= record["metrics"][key] <= 1.0
     protocol.main(["report", *out])
     table = (root / "report" / "table.md").read_text()
-    assert "GenEval-style categories" in table and "Gradient balance" in table
+    assert "GenEval-style categories, arm - SFT, paired" in table and "Gradient balance" in table
     assert "| Base+DIVA |" in table and "bootstrap" in table and "plateau rule" in table
-    for plot in ("base.png", "curves.png", "metrics.png", "samples.png"):
+    for plot in ("base.png", "curves.png", "metrics.png", "paired.png", "samples.png"):
         assert (root / "report" / plot).stat().st_size > 1000
     before = (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime
     protocol.main(["final", *out, "--arms", "Base+DIVA"])  # resumable: nothing runs again
@@ -133,3 +134,23 @@ def test_caption_decoding_budget_holds_the_longest_caption_of_each_world():
         longest = max(len(tokenizer(world.describe(world.objects(i)))["input_ids"])
                       for i in range(2000))  # fmt: skip
         assert longest + 1 <= caption_budget(world)  # + </s>
+
+
+def test_report_labels_an_ablation_with_its_own_change_over_the_selected_setting():
+    cfg = v2()
+    selected = {"lambda_sha": 0.1, "lambda_uni": 0.1, "tau": 0.2}  # what the log line prints
+    record = {"arm": "lambda_uni 0.4", "overrides": selected}
+    assert effective_setting(record, cfg) == {
+        "λ_sha": 0.1,
+        "λ_uni": 0.4,
+        "τ": 0.2,
+        "targets": "ema",
+    }
+    no_sg = effective_setting({"arm": "w/o stop-grad", "overrides": selected}, cfg)
+    assert no_sg["targets"] == "online" and no_sg["stop_gradient"] is False
+    sft = {"arm": "Base+SFT", "overrides": {"post_lr": 5e-5, "post_steps": 256}}
+    assert settings_table([sft], cfg).endswith("| Base+SFT | lr 5e-05, steps 256 |")
+    runs = [{"arm": "A", "train_s": t, "total_s": t + 60} for t in (200, 210, 900)]
+    timing = timing_table(runs)
+    assert "| A | 3.3 3.5 15.0! | 4.3 4.5 16.0! |" in timing
+    assert "3 runs: 25 min recorded, 14 min at each arm's median." in timing

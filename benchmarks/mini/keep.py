@@ -10,7 +10,10 @@ analysis, curves and probes, each finished stage-1 run's encoders (shared by the
 arms of its seed), and each finished run's ``record.json``, ``gradient_balance.json``
 and ``samples.pt`` (re-saved compact: the run's file is a view that drags the storage of all
 its generated images, 6.8 MB instead of 0.2 MB); not the shards (217 MB, rebuilt from the tokenizer in a minute) nor the
-post-trained models. ``restore`` copies them back without overwriting anything already there,
+post-trained models (7.7 MB a run, 300 MB for the final phase). Instead ``save`` records their
+SHA-256 in ``weights.sha256`` (``sha256sum`` format, paths under ``runs/mini``): a run rebuilt
+from the kept base and the protocol's commit is checked bit for bit with
+``cd runs/mini && sha256sum -c ../../docs/mini/v2/kept/weights.sha256``. ``restore`` copies them back without overwriting anything already there,
 so the protocol reuses the base (its cache is keyed by the settings' hash) and skips every
 finished run.
 """
@@ -18,6 +21,7 @@ finished run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -28,6 +32,7 @@ BASE_FILES = ("config.json", "tokenizer.pt", "base/model", "base/analysis/diverg
               "base/facts.json", "base/plateau.json", "base/probes.json", "base/logs/metrics.csv")  # fmt: skip
 STAGE1_FILES = ("stage1_encoders", "overrides.json")  # shared by the DIVA arms of a seed
 RUN_FILES = ("record.json", "gradient_balance.json", "samples.pt")
+MANIFEST = "weights.sha256"
 
 
 def _copy(src: Path, dst: Path, overwrite: bool) -> bool:
@@ -62,13 +67,33 @@ def pairs(runs: Path, mode: str = "v2"):
 
 
 def save(runs: Path, kept: Path) -> int:
-    """Copies finished artifacts (a kept file is refreshed) -> the number copied."""
-    return sum(_copy(src, kept / rel, overwrite=True) for src, rel in pairs(runs))
+    """Copies finished artifacts (a kept file is refreshed) and records the finished runs'
+    weight hashes -> the number of files copied."""
+    copied = sum(_copy(src, kept / rel, overwrite=True) for src, rel in pairs(runs))
+    write_manifest(runs, kept / MANIFEST)
+    return copied
+
+
+def write_manifest(runs: Path, path: Path, mode: str = "v2") -> None:
+    """Adds the SHA-256 of every finished run's weights to ``path`` (entries of runs whose
+    weights are gone, as after a ``restore``, are kept as they were)."""
+    entries = {}
+    if path.exists():
+        entries = dict(reversed(line.split("  ", 1)) for line in path.read_text().splitlines())
+    for record in sorted((runs / mode).glob("*/*/seed*/record.json")):
+        for weights in sorted((record.parent / "model").rglob("*.safetensors")):
+            digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+            entries[str(weights.relative_to(runs))] = digest
+    if entries:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(f"{h}  {name}\n" for name, h in sorted(entries.items())))
+        partial.rename(path)
 
 
 def restore(kept: Path, runs: Path) -> int:
     """Copies kept files back, never over a file that is there -> the number copied."""
-    files = [p for p in sorted(kept.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(kept.rglob("*")) if p.is_file() and p.name != MANIFEST]
     return sum(_copy(p, runs / p.relative_to(kept), overwrite=False) for p in files)
 
 

@@ -12,6 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# 20 distinct colours, the ten dark ones first, so that up to 20 arms never share one
+_TAB20 = plt.get_cmap("tab20").colors
+COLOURS = _TAB20[::2] + _TAB20[1::2]
 FLOWS = [
     ("val/loss_und", "understanding (caption) loss"),
     ("val/loss_gen", "generation (inpainting) loss"),
@@ -38,8 +41,8 @@ def plot_curves(results: dict, path: Path) -> None:
     colours = {}
     for ax, (name, title) in zip(axes[:2], FLOWS, strict=True):
         for arm, (steps, values) in _arm_curves(results, name).items():
-            (line,) = ax.plot(steps, values.mean(0), label=arm, color=colours.get(arm))
-            colours[arm] = line.get_color()
+            colour = colours.setdefault(arm, COLOURS[len(colours) % len(COLOURS)])
+            (line,) = ax.plot(steps, values.mean(0), label=arm, color=colour)
             if len(values) > 1:
                 ax.fill_between(
                     steps, values.min(0), values.max(0), alpha=0.15, color=line.get_color()
@@ -69,7 +72,8 @@ def plot_metrics(table: dict, columns: list[tuple[str, str]], path: Path) -> Non
     for i, arm in enumerate(arms):
         means = [table[arm][k]["mean"] for k, _ in columns]
         stds = [table[arm][k]["std"] or 0.0 for k, _ in columns]
-        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=arm)
+        ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=arm,
+               color=COLOURS[i % len(COLOURS)])  # fmt: skip
     ax.set_xticks(x + 0.4 - width / 2, [title for _, title in columns], fontsize=8)
     ax.set(
         ylabel="score (higher is better)",
@@ -77,6 +81,32 @@ def plot_metrics(table: dict, columns: list[tuple[str, str]], path: Path) -> Non
         title="held-out metrics, mean ± std over seeds",
     )
     ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_paired(paired: dict, columns: list[tuple[str, str]], path: Path) -> None:
+    """One panel per metric: each arm minus SFT, the mean of the paired per-seed differences
+    with its 95% t interval (``report_v2.paired_vs``); filled where the interval excludes 0."""
+    arms = list(paired)
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 0.35 * len(arms) + 1.4),
+                             sharey=True)  # fmt: skip
+    y = np.arange(len(arms))[::-1]
+    for ax, (key, title) in zip(np.atleast_1d(axes), columns, strict=True):
+        for yi, arm in zip(y, arms, strict=True):
+            c = paired[arm].get(key)
+            if c is None or c.get("low") is None:
+                continue
+            off = c["low"] > 0 or c["high"] < 0
+            ax.errorbar(c["mean"], yi, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]],
+                        fmt="o", mfc="C3" if off else "white", color="C3" if off else "C0",
+                        capsize=2, ms=4)  # fmt: skip
+        ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    np.atleast_1d(axes)[0].set_yticks(y, arms, fontsize=8)
+    fig.suptitle("arm - SFT, paired over seeds, 95% t interval (filled: excludes 0)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

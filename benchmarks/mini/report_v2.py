@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.mini.config import ARMS
 from benchmarks.mini.data import IMAGE_SIZE, TRAIN_SEED
-from benchmarks.mini.plots import plot_base, plot_curves, plot_metrics, plot_samples
+from benchmarks.mini.plots import plot_base, plot_curves, plot_metrics, plot_paired, plot_samples
 from benchmarks.mini.report import T_CRITICAL_95, aggregate, hardware, markdown_table
 from benchmarks.mini.train import read_curves
 from diva_lightning.data.prepare import synthetic_world_of
@@ -169,14 +170,21 @@ def write_v2_report(root: Path, cfg) -> dict:
                   "\nGenEval-style categories:\n", markdown_table(table, PER_CATEGORY),
                   "\nArm - SFT, paired over seeds, 95% t interval (* = excludes 0):\n",
                   comparison_table(paired, HEADLINE, "arm - SFT"),
+                  "\nGenEval-style categories, arm - SFT, paired over seeds, 95% t interval:\n",
+                  comparison_table(paired, PER_CATEGORY, "arm - SFT"),
                   "\nArm - SFT, bootstrap over prompts, 95% interval:\n",
                   comparison_table(boot, [(k, k) for k in BOOTSTRAP], "arm - SFT"),
                   "\nGradient balance (mean over measured steps and seeds):\n",
-                  balance_table(final)]  # fmt: skip
+                  balance_table(final),
+                  "\nWhat each arm trains with (the selected setting, then the arm's own change):\n",
+                  settings_table(final, cfg),
+                  "\nWall time per run (minutes; ! = over 1.5x its arm's median, i.e. contended):\n",
+                  timing_table(final)]  # fmt: skip
         results = {"runs": final, "base_val": _base_val(final)}
         if results["base_val"]:
             plot_curves(results, out / "curves.png")
         plot_metrics(table, HEADLINE, out / "metrics.png")
+        plot_paired(paired, HEADLINE, out / "paired.png")
         prompts = geneval_prompts(synthetic_world_of("v2", IMAGE_SIZE, TRAIN_SEED),
                                   cfg.geneval_per_category, "eval")[:16]  # fmt: skip
         world = synthetic_world_of("v2", IMAGE_SIZE, TRAIN_SEED)
@@ -224,3 +232,52 @@ def grid_rows(records: list[dict]) -> list[dict]:
 
 def _base_val(records: list[dict]) -> dict | None:
     return next((r["base_val"] for r in records if r.get("base_val")), None)
+
+
+SETTING_NAMES = {"lambda_sha": "λ_sha", "lambda_uni": "λ_uni", "tau": "τ", "post_lr": "lr",
+                 "post_steps": "steps", "post_warmup": "warm-up"}  # fmt: skip
+
+
+def effective_setting(record: dict, cfg) -> dict:
+    """What a run trained with: its ``overrides`` (the family's selected setting, which the
+    ablations' log lines print) with the arm's own ``ARMS`` change applied on top, as
+    ``train.stage2_module`` and ``stage1_module`` do."""
+    spec = ARMS[record["arm"]]
+    if spec["kind"] == "base":
+        return {}
+    setting = {SETTING_NAMES.get(k, k): v for k, v in record["overrides"].items()}
+    if spec["kind"] == "diva":
+        setting["targets"] = cfg.targets
+    for part in ("stage2", "stage1", "data"):
+        setting.update({SETTING_NAMES.get(k, k): v for k, v in spec.get(part, {}).items()})
+    return setting
+
+
+def settings_table(records: list[dict], cfg) -> str:
+    rows = {r["arm"]: effective_setting(r, cfg) for r in records}
+    lines = ["| arm | trained with |", "| --- | --- |"]
+    for arm, setting in rows.items():
+        text = ", ".join(f"{k} {v}" for k, v in setting.items()) or "no post-training"
+        lines.append(f"| {arm} | {text} |")
+    return "\n".join(lines)
+
+
+def timing_table(records: list[dict]) -> str:
+    """Per arm: post-training and total (with evaluation) minutes per seed, contended runs
+    marked; the last line sums the recorded times and an uncontended estimate (arm medians)."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(r["arm"], []).append(r)
+    lines = ["| arm | train, per seed | total, per seed |", "| --- | --- | --- |"]
+    recorded = estimate = 0.0
+    for arm, runs in by.items():
+        cells = []
+        for key in ("train_s", "total_s"):
+            median = statistics.median(r[key] for r in runs)
+            cells.append(" ".join(f"{r[key] / 60:.1f}" + ("!" if r[key] > 1.5 * median else "")
+                                  for r in runs))  # fmt: skip
+        recorded += sum(r["total_s"] for r in runs)
+        estimate += len(runs) * statistics.median(r["total_s"] for r in runs)
+        lines.append(f"| {arm} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + (f"\n\n{len(records)} runs: {recorded / 60:.0f} min recorded, "
+                               f"{estimate / 60:.0f} min at each arm's median.")  # fmt: skip
