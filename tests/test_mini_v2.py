@@ -118,6 +118,15 @@ def test_smoke_protocol_end_to_end_reads_the_eval_split_only_in_final(tmp_path, 
     assert "| Base+DIVA |" in table and "bootstrap" in table and "plateau rule" in table
     for plot in ("base.png", "curves.png", "metrics.png", "paired.png", "samples.png"):
         assert (root / "report" / plot).stat().st_size > 1000
+    model, scores = root / "final" / "Base_DIVA" / "seed0" / "model", tmp_path / "scores.json"
+    protocol.main(["evaluate", *out, "--model", str(model), "--split", "eval", "--output",
+                   str(scores)])  # fmt: skip
+    again = json.loads(scores.read_text())  # the kept weights score as the run did
+    assert again == {k: v for k, v in record["metrics"].items() if isinstance(v, float)}
+    with pytest.raises(SystemExit):  # never over an existing file, and before any compute
+        protocol.main(["evaluate", *out, "--model", str(model), "--output", str(scores)])
+    with pytest.raises(SystemExit):
+        protocol.main(["evaluate", *out, "--model", str(tmp_path / "missing")])
     before = (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime
     protocol.main(["final", *out, "--arms", "Base+DIVA"])  # resumable: nothing runs again
     assert (root / "final" / "Base_DIVA" / "seed0" / "record.json").stat().st_mtime == before

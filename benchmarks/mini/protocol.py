@@ -122,7 +122,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", help="final / sft-check: these seeds")
     parser.add_argument("--model", help="evaluate: a saved model folder")
     parser.add_argument("--split", choices=("val", "eval"), default="val")
+    parser.add_argument("--output", help="evaluate: also write the scores to this new JSON file")
     args = parser.parse_args(argv)
+    if args.phase == "evaluate":  # before any compute
+        if not args.model or not Path(args.model).is_dir():
+            parser.error(f"evaluate needs --model, a saved model folder; got {args.model!r}")
+        if args.output and Path(args.output).exists():
+            parser.error(f"--output {args.output} exists; choose a new file")
     cfg = MODES[args.mode or ("v2-quick" if args.phase == "quick" else "v2")]()
     root = Path(args.out) / cfg.mode
     if args.phase == "select":
@@ -136,9 +142,12 @@ def main(argv=None) -> None:
         data = eval_set(cfg, setup["tokenizer"], split=args.split)
         scores = evaluate(load_base(cfg, args.model), setup["tokenizer"], data, cfg.eval_batch,
                           cfg.gen_steps)  # fmt: skip
-        return print(
-            json.dumps({k: v for k, v in scores.items() if isinstance(v, float)}, indent=1)
-        )
+        text = json.dumps({k: v for k, v in scores.items() if isinstance(v, float)}, indent=1)
+        if args.output:
+            partial = Path(args.output + ".partial")
+            partial.write_text(text + "\n")
+            partial.rename(args.output)
+        return print(text)
     if args.phase == "final":
         arms = args.arms or (*V2_HEADLINE, *V2_ABLATIONS)
         unknown = [a for a in arms if a not in ARMS]
