@@ -6,16 +6,18 @@
 ``runs/`` is not versioned, and a new checkout starts without it: the final phase's records
 and the base it post-trains (80 minutes to rebuild on 2 cores) would be lost between sessions.
 ``save`` copies what the report and a resumed phase need: the base's tokenizer, weights,
-analysis, curves and probes, each finished stage-1 run's encoders (shared by the DIVA
-arms of its seed), and each finished run's ``record.json``, ``gradient_balance.json``
-and ``samples.pt`` (re-saved compact: the run's file is a view that drags the storage of all
-its generated images, 6.8 MB instead of 0.2 MB); not the shards (217 MB, rebuilt from the tokenizer in a minute) nor the
-post-trained models (7.7 MB a run, 300 MB for the final phase). Instead ``save`` records their
-SHA-256 in ``weights.sha256`` (``sha256sum`` format, paths under ``runs/mini``): a run rebuilt
-from the kept base and the protocol's commit is checked bit for bit with
-``cd runs/mini && sha256sum -c ../../docs/mini/v2/kept/weights.sha256``. ``restore`` copies them back without overwriting anything already there,
-so the protocol reuses the base (its cache is keyed by the settings' hash) and skips every
-finished run.
+analysis, curves and probes, each finished stage-1 run's encoders (shared by the DIVA arms of
+its seed), and each finished run's ``record.json``, ``gradient_balance.json`` and
+``samples.pt`` (re-saved compact: the run's file is a view that drags the storage of all its
+generated images, 6.8 MB instead of 0.2 MB). It leaves out the shards (217 MB, rebuilt from the
+tokenizer in a minute) and the post-trained models (7.7 MB a run, 300 MB for the final phase);
+of the models it records the SHA-256 in ``weights.sha256`` (``sha256sum`` format, paths under
+``runs/mini``), so that a run rebuilt from the kept base and the protocol's commit is checked
+bit for bit: ``cd runs/mini && sha256sum -c ../../docs/mini/v2/kept/weights.sha256``.
+
+``restore`` copies the kept files back without overwriting anything already there, so the
+protocol reuses the base (its cache is keyed by the settings' hash) and skips every finished
+run.
 """
 
 from __future__ import annotations
