@@ -12,7 +12,7 @@ from benchmarks.mini.base import plateau
 from benchmarks.mini.config import v2, v2_quick, v2_smoke
 from benchmarks.mini.grid import FAMILIES, grid_points, select
 from benchmarks.mini.qa import qa_pairs
-from benchmarks.mini.report_v2 import effective_setting, settings_table, timing_table
+from benchmarks.mini.report_v2 import effective_setting, load_grid, settings_table, timing_table
 from diva_lightning.data.shapes_v2 import ShapesWorldV2
 from diva_lightning.evaluation.shapes.captions import parse_caption
 
@@ -163,3 +163,15 @@ def test_report_labels_an_ablation_with_its_own_change_over_the_selected_setting
     timing = timing_table(runs)
     assert "| A | 3.3 3.5 15.0! | 4.3 4.5 16.0! |" in timing
     assert "3 runs: 25 min recorded, 14 min at each arm's median." in timing
+
+
+def test_report_reads_the_grid_from_its_kept_summary_when_the_records_are_gone(tmp_path):
+    summary = [{"point": "SFT_lr1-30_ep4", "arm": "Base+SFT", "overrides": {"post_lr": 5e-5},
+                "und_score": 0.75, "gen_overall": 0.77, "train_s": 230.0}]  # fmt: skip
+    (tmp_path / "grid_val.json").write_text(json.dumps(summary))
+    rows = load_grid(tmp_path)
+    assert rows == [{"arm": "SFT_lr1-30_ep4", "metrics": {"und_score": 0.75, "gen_overall": 0.77}}]
+    record = {"arm": "Base+SFT", "folder": str(tmp_path / "SFT_x" / "seed0"), "metrics": {}}
+    (tmp_path / "SFT_x" / "seed0").mkdir(parents=True)
+    (tmp_path / "SFT_x" / "seed0" / "record.json").write_text(json.dumps(record))
+    assert [r["arm"] for r in load_grid(tmp_path)] == ["SFT_x"]  # records win over the summary

@@ -153,11 +153,10 @@ def write_v2_report(root: Path, cfg) -> dict:
         lines += ["\nQuick mode (val split, default proportions, one seed; an indication):\n",
                   markdown_table(report["quick"], HEADLINE),
                   "\n", markdown_table(report["quick"], PER_CATEGORY)]  # fmt: skip
-    grid = load_records(root / "grid")
+    grid = load_grid(root / "grid")
     if grid:
-        report["grid"] = {Path(r["folder"]).parent.name: r["metrics"] for r in grid}
-        lines += ["\nGrid (val split, seed 0):\n", markdown_table(aggregate(grid_rows(grid), keys),
-                                                                 HEADLINE)]  # fmt: skip
+        report["grid"] = {r["arm"]: r["metrics"] for r in grid}
+        lines += ["\nGrid (val split, seed 0):\n", markdown_table(aggregate(grid, keys), HEADLINE)]
     final = load_records(root / "final")
     if final:
         table = aggregate(final, keys)
@@ -225,9 +224,20 @@ def base_section(base: Path, out: Path, report: dict) -> list[str]:
     return lines + [""]
 
 
-def grid_rows(records: list[dict]) -> list[dict]:
-    """Grid records keyed by their point (folder) rather than their arm."""
-    return [{**r, "arm": Path(r["folder"]).parent.name} for r in records]
+GRID_SUMMARY = "grid_val.json"  # one row of metrics per point (docs/mini/v2/grid/)
+
+
+def load_grid(grid_dir: Path) -> list[dict]:
+    """The grid's records keyed by their point (folder) rather than their arm; where only the
+    grid's summary was kept (``grid_val.json``, its runs' records being gone), rows built from
+    that summary."""
+    records = load_records(grid_dir)
+    if records or not (grid_dir / GRID_SUMMARY).exists():
+        return [{**r, "arm": Path(r["folder"]).parent.name} for r in records]
+    rows = json.loads((grid_dir / GRID_SUMMARY).read_text())
+    meta = ("point", "arm", "overrides", "train_s")
+    return [{"arm": r["point"], "metrics": {k: v for k, v in r.items() if k not in meta}}
+            for r in rows]  # fmt: skip
 
 
 def _base_val(records: list[dict]) -> dict | None:
