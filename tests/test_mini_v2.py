@@ -116,6 +116,7 @@ def test_smoke_protocol_end_to_end_reads_the_eval_split_only_in_final(tmp_path, 
     table = (root / "report" / "table.md").read_text()
     assert "GenEval-style categories, arm - SFT, paired" in table and "Gradient balance" in table
     assert "| Base+DIVA |" in table and "bootstrap" in table and "plateau rule" in table
+    assert "cos(und, gen) |" in table
     for plot in ("base.png", "curves.png", "metrics.png", "paired.png", "samples.png"):
         assert (root / "report" / plot).stat().st_size > 1000
     model, scores = root / "final" / "Base_DIVA" / "seed0" / "model", tmp_path / "scores.json"

@@ -103,7 +103,8 @@ def comparison_table(comparisons: dict, columns, title: str) -> str:
 
 
 def balance_table(records: list[dict]) -> str:
-    """Per arm, the mean over seeds of the GradientBalance summary: norms and cos with native."""
+    """Per arm, the mean over seeds of the GradientBalance summary: norms, cos with native, and
+    cos(und, gen), the two flows' conflict on the trained blocks (the paper's Fig. 2 premise)."""
     rows: dict[str, list[dict]] = {}
     for r in records:
         if r.get("balance"):
@@ -111,8 +112,9 @@ def balance_table(records: list[dict]) -> str:
     terms = sorted({k.removeprefix("norm/") for s in rows.values() for x in s for k in x
                     if k.startswith("norm/")} - {"total"})  # fmt: skip
     head = "| arm | " + " | ".join(f"norm {t}" for t in terms)
-    head += " | " + " | ".join(f"cos({t}, native)" for t in terms if t != "native") + " |"
-    lines = [head, "| --- |" + " --- |" * (2 * len(terms) - 1)]
+    head += " | " + " | ".join(f"cos({t}, native)" for t in terms if t != "native")
+    head += " | cos(und, gen) |"
+    lines = [head, "| --- |" + " --- |" * (2 * len(terms))]
     for arm, summaries in rows.items():
         mean = partial(_mean_of, summaries)
 
@@ -121,6 +123,7 @@ def balance_table(records: list[dict]) -> str:
             return mean(key if any(key in s for s in summaries) else f"cos/native__{t}")
 
         cells = [mean(f"norm/{t}") for t in terms] + [cos(t) for t in terms if t != "native"]
+        cells.append(mean("cos/und__gen"))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
