@@ -7,6 +7,7 @@ evaluated with the usual tools; a stage-1 checkpoint also writes its factor enco
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def load_trained_model(run_config: Path, checkpoint: Path, use_ema: bool = True)
     return model, ckpt
 
 
-def export(*, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = True) -> Path:
+def export(
+    *, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = True, overwrite: bool = False
+) -> Path:
     """Export a trained backbone.
 
     Args:
@@ -105,15 +108,29 @@ def export(*, run_config: Path, checkpoint: Path, out: Path, use_ema: bool = Tru
             (consolidated on the fly).
         out: directory to write (``save_pretrained`` of the backbone).
         use_ema: load the EMA weights stored in the checkpoint when there are any.
+        overwrite: replace ``out`` when it already holds files (another export, say); without
+            it such an ``out`` is refused before anything is loaded.
+
+    The export is written to ``OUT.partial`` and renamed when complete, so ``out`` never holds
+    a half-written backbone.
     """
     from diva_lightning.objectives.checkpoint import save_factor_encoders
 
-    model, ckpt = load_trained_model(run_config, checkpoint, use_ema)
     out = Path(out)
-    model.backbone.save_pretrained(out)
+    if out.is_file():
+        raise ValueError(f"export: --out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"export: --out {out} already holds files; choose a new folder, or "
+                         "pass --overwrite true to replace them")  # fmt: skip
+    model, ckpt = load_trained_model(run_config, checkpoint, use_ema)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an earlier export that did not finish
+    model.backbone.save_pretrained(partial)
     if "diva_factor_config" in ckpt:
         save_factor_encoders(
-            out / "factor_encoders", model.encoders, ckpt["diva_factor_config"], model.injection
+            partial / "factor_encoders", model.encoders, ckpt["diva_factor_config"], model.injection
         )
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     print(f"backbone written to {out}")
     return out

@@ -83,17 +83,6 @@ def test_an_interrupted_prepare_leaves_no_shard_that_looks_complete(tmp_path, mo
     assert sorted(p.name for p in out.iterdir()) == [*complete, "summary.json"]
 
 
-def test_a_prepare_that_writes_nothing_leaves_no_empty_shard(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "broken.png").write_bytes(b"not an image")
-    (images / "broken.txt").write_text("a caption.")
-    out = tmp_path / "shards"
-    summary = prepare(out=str(out), images=str(images), quiet=True)
-    assert summary["written"] == 0 and summary["shards"] == []
-    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
-
-
 def _shards_with_empty_captions(root, shards=4, per_shard=400, bad_every=14):
     from tests.data_helpers import write_tar
 

@@ -99,7 +99,12 @@ def check_jsonl(lines: list[str]) -> None:
         (root / "broken.png").write_bytes(PNG[:40])
         (root / "sub").mkdir()
         (root / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        summary = prepare(out=str(root / "out"), captions=str(root / "pairs.jsonl"), quiet=True)
+        try:
+            summary = prepare(out=str(root / "out"), captions=str(root / "pairs.jsonl"), quiet=True)
+        except ValueError as error:  # nothing usable: an error, with the summary saying why
+            assert "no sample written" in str(error)
+            summary = json.loads((root / "out" / "summary.json").read_text())
+            assert summary["written"] == 0
         rows = sum(1 for line in lines if line.strip())
         assert summary["written"] + summary["skipped_total"] == rows
         assert sum(s["count"] for s in summary["shards"]) == summary["written"]

@@ -132,6 +132,14 @@ class DualFlowDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_mask_config(mask_ratio_min, mask_ratio_max, mask_pattern)
+        sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size,
+                 "synthetic_val_samples": synthetic_val_samples,
+                 "synthetic_shard_size": synthetic_shard_size}  # fmt: skip
+        for name, value in sizes.items():  # a negative batch once hung while filling memory
+            if value is not None and value < 1:
+                raise ValueError(f"DualFlowDataModule: {name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"DualFlowDataModule: num_workers must be >= 0, got {num_workers}")
         # an explicit frame: Lightning's own currentframe() lookup forms a frame cycle that keeps the
         # caller's locals (loaders with live workers) alive until the cyclic GC runs
         self.save_hyperparameters(frame=inspect.currentframe())

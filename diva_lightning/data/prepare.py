@@ -190,6 +190,11 @@ def prepare(
         overwrite: replace existing ``PREFIX-*.tar`` shards in ``out``.
         quiet: no progress bar and no printed summary.
     """
+    sizes = {"--synthetic": synthetic, "--max_count": max_count, "--batch_size": batch_size,
+             "--synthetic_image_size": synthetic_image_size}  # fmt: skip
+    for name, value in sizes.items():  # before the output folder is made
+        if value is not None and value < 1:
+            raise ValueError(f"prepare: {name} must be >= 1, got {value}")
     synthetic = synthetic or 0
     if backbone is not None and getattr(backbone, "continuous_targets", False):
         raise ValueError(f"prepare: --backbone {type(backbone).__name__} regresses image embeddings "
@@ -224,6 +229,9 @@ def prepare(
     writer.close()
     summary = _summary(out_dir, source, writer, skips, backbone, image_format, max_count)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not summary["written"]:
+        raise ValueError(f"prepare: no sample written to {out_dir} from {source}: "
+                         f"{skips.summary()} (details in {out_dir / 'summary.json'})")  # fmt: skip
     if not quiet:
         print(
             f"prepare: wrote {summary['written']} samples in {len(summary['shards'])} shard(s)"

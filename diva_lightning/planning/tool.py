@@ -158,6 +158,11 @@ def plan(
         image_tokens: override the image tokens per sample (another resolution).
         micro_batch: override ``data.init_args.batch_size``.
     """
+    for name, value in (("--micro_batch", micro_batch), ("--image_tokens", image_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"plan: {name} must be >= 1, got {value}")
+    if gpu_memory_gb <= 0:
+        raise ValueError(f"plan: --gpu_memory_gb must be > 0, got {gpu_memory_gb}")
     composed = read_configs(config)
     backbone = ((composed.get("model") or {}).get("init_args") or {}).get("backbone")
     if not backbone:
