@@ -163,9 +163,9 @@ VERSION_ENV = "DIVA_LOG_VERSION"  # rank 0's choice, inherited by the processes 
 
 def fresh_log_version(config) -> None:
     """A new run never writes into an earlier run's folder: when the logger's fixed ``version``
-    folder already holds files, the run takes ``<version>-1`` (then ``-2``, ...) and says so.
-    Ranks that rank 0 launches (``LOCAL_RANK`` > 0) take its choice from ``DIVA_LOG_VERSION``,
-    since by then rank 0 has created the folder."""
+    folder holds an earlier run (``holds_a_run``), the run takes ``<version>-1`` (then ``-2``,
+    ...) and says so. Ranks that rank 0 launches (``LOCAL_RANK`` > 0) take its choice from
+    ``DIVA_LOG_VERSION``, since by then rank 0 has created the folder."""
     try:
         args = config["trainer.logger.init_args"]
     except (KeyError, TypeError):
@@ -178,7 +178,7 @@ def fresh_log_version(config) -> None:
         return
     base = Path(save_dir) / (args.get("name") or "")
     chosen, n = str(version), 0
-    while (base / chosen).is_dir() and any((base / chosen).iterdir()):
+    while holds_a_run(base / chosen):
         n += 1
         chosen = f"{version}-{n}"
     if n:
@@ -186,6 +186,17 @@ def fresh_log_version(config) -> None:
               file=sys.stderr)  # fmt: skip
     args["version"] = chosen
     os.environ[VERSION_ENV] = chosen
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier run: anything beyond the event file and
+    ``hparams.yaml`` that a fit leaves when it stops before training (a run that trains has
+    saved its ``config.yaml`` by then). A folder of such leftovers is reused, so the corrected
+    rerun keeps the folder name that later configs point at."""
+    if not folder.is_dir():
+        return False
+    leftovers = ("events.out.tfevents.", "hparams.yaml")
+    return any(not p.name.startswith(leftovers) for p in folder.iterdir())
 
 
 def check_devices(accelerator, devices) -> None:

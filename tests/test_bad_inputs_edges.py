@@ -90,3 +90,30 @@ def test_plan_refuses_a_micro_batch_below_one(micro_batch):
 
     with pytest.raises(ValueError, match=rf"--micro_batch must be >= 1, got {micro_batch}"):
         plan(["configs/stage2.yaml"], micro_batch=micro_batch)
+
+
+@pytest.mark.parametrize(
+    ("left", "version"),
+    [
+        (["events.out.tfevents.1.host"], "sft"),  # a run that stopped before training: reused
+        (["events.out.tfevents.1.host", "hparams.yaml"], "sft"),
+        (["events.out.tfevents.1.host", "config.yaml"], "sft-1"),  # an earlier run: kept apart
+        (["checkpoints/last.ckpt"], "sft-1"),
+    ],
+)
+def test_a_run_folder_left_by_a_start_that_failed_is_reused(tmp_path, monkeypatch, left, version):
+    """A fit that failed before training (a wrong shard path, say) used to leave its event file
+    behind, and the corrected rerun moved to ``sft-1``, away from the folder that stage-2
+    configs name."""
+    from jsonargparse import Namespace
+
+    from diva_lightning.lightning_cli import VERSION_ENV, fresh_log_version
+
+    monkeypatch.delenv(VERSION_ENV, raising=False)
+    for name in left:
+        (tmp_path / "tiny" / "sft" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tiny" / "sft" / name).write_text("x")
+    logger = Namespace(save_dir=str(tmp_path), name="tiny", version="sft")
+    config = Namespace(trainer=Namespace(logger=Namespace(init_args=logger)))
+    fresh_log_version(config)
+    assert config["trainer.logger.init_args"]["version"] == version
