@@ -117,3 +117,16 @@ def test_a_run_folder_left_by_a_start_that_failed_is_reused(tmp_path, monkeypatc
     config = Namespace(trainer=Namespace(logger=Namespace(init_args=logger)))
     fresh_log_version(config)
     assert config["trainer.logger.init_args"]["version"] == version
+
+
+def test_analyze_names_its_own_options_and_checks_them_before_any_output(tmp_path):
+    from diva_lightning.analysis.tool import analyze
+
+    out = tmp_path / "analysis"
+    for options, message in [({"samples": 0}, "--samples must be >= 1, got 0"),
+                             ({"batch_size": -1}, "--batch_size must be >= 1, got -1")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            analyze(out=out, **options)
+        assert not out.exists()
+    with pytest.raises(FileNotFoundError, match=r"analyze --shards: shard .*missing\.tar"):
+        analyze(out=out, shards=str(tmp_path / "missing.tar"), samples=2, batch_size=2)

@@ -69,7 +69,10 @@ def _batches(
         check_tokenizer=check_tokenizer,
     )
     data.bind_backbone(adapter)
-    data.setup("validate")
+    try:
+        data.setup("validate")
+    except FileNotFoundError as error:  # the data module names its own key; here it is --shards
+        raise FileNotFoundError(str(error).replace("val_shards:", "analyze --shards:", 1)) from None
     n_batches = math.ceil(samples / batch_size)
     return list(itertools.islice(iter(data.val_dataloader()), n_batches))
 
@@ -104,6 +107,9 @@ def analyze(
         check_tokenizer: refuse shard codes written by another image tokenizer (see
             ``DualFlowDataModule``).
     """
+    for name, value in (("--samples", samples), ("--batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"analyze: {name} must be >= 1, got {value}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = _backbone(backbone, run_config, checkpoint)
