@@ -79,7 +79,11 @@ def load_trained_model(run_config: Path, checkpoint: Path, use_ema: bool = True)
     """Rebuild a run's stage module from its config and load a checkpoint (EMA by default)."""
     from diva_lightning.lightning_cli import build_cli
 
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
     ckpt = read_checkpoint(checkpoint)  # first: a wrong checkpoint fails before any building
+    if not Path(run_config).is_file():
+        raise FileNotFoundError(f"--run_config {run_config} does not exist (a run's config.yaml)")
     config = yaml.safe_load(Path(run_config).read_text())
     for key in ("ckpt_path", "weights_only"):  # `fit` subcommand arguments, not the model's
         config.pop(key, None)

@@ -4,6 +4,7 @@ export over another folder, each refused with the option named before any work i
 from __future__ import annotations
 
 import pytest
+import torch
 
 from diva_lightning.data.datamodule import DualFlowDataModule
 from diva_lightning.data.prepare import prepare
@@ -130,3 +131,16 @@ def test_analyze_names_its_own_options_and_checks_them_before_any_output(tmp_pat
         assert not out.exists()
     with pytest.raises(FileNotFoundError, match=r"analyze --shards: shard .*missing\.tar"):
         analyze(out=out, shards=str(tmp_path / "missing.tar"), samples=2, batch_size=2)
+
+
+def test_export_names_a_missing_checkpoint_or_run_config(tmp_path):
+    from diva_lightning.export import export, load_trained_model
+
+    with pytest.raises(FileNotFoundError, match=r"--checkpoint .*nope\.ckpt does not exist"):
+        export(
+            run_config=tmp_path / "c.yaml", checkpoint=tmp_path / "nope.ckpt", out=tmp_path / "o"
+        )
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(FileNotFoundError, match=r"--run_config .*c\.yaml does not exist"):
+        load_trained_model(tmp_path / "c.yaml", ckpt)
