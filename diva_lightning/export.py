@@ -7,12 +7,15 @@ evaluated with the usual tools; a stage-1 checkpoint also writes its factor enco
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
+
+EXPORT_RECORD = "export.json"  # what an export came from; marks a folder --overwrite may replace
 
 
 def ema_weights(checkpoint: dict) -> dict[str, torch.Tensor] | None:
@@ -112,28 +115,35 @@ def export(
             (consolidated on the fly).
         out: directory to write (``save_pretrained`` of the backbone).
         use_ema: load the EMA weights stored in the checkpoint when there are any.
-        overwrite: replace ``out`` when it already holds files (another export, say); without
-            it such an ``out`` is refused before anything is loaded.
+        overwrite: replace ``out`` when it holds an earlier export (its ``export.json``);
+            without it an ``out`` that holds files is refused before anything is loaded, and a
+            folder without ``export.json`` is never replaced.
 
     The export is written to ``OUT.partial`` and renamed when complete, so ``out`` never holds
-    a half-written backbone.
+    a half-written backbone; ``export.json`` records the run config and checkpoint it came from.
     """
     from diva_lightning.objectives.checkpoint import save_factor_encoders
 
     out = Path(out)
     if out.is_file():
         raise ValueError(f"export: --out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"export: --out {out} already holds files; choose a new folder, or "
-                         "pass --overwrite true to replace them")  # fmt: skip
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"export: --out {out} already holds files; choose a new folder, or "
+                             "pass --overwrite true to replace an earlier export")  # fmt: skip
+        if not (out / EXPORT_RECORD).is_file():  # never delete a folder export did not write
+            raise ValueError(f"export: --out {out} holds files but no {EXPORT_RECORD}: it is not "
+                             "an earlier export, so --overwrite does not replace it")  # fmt: skip
     model, ckpt = load_trained_model(run_config, checkpoint, use_ema)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.resolve().with_name(out.resolve().name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # an earlier export that did not finish
     model.backbone.save_pretrained(partial)
     if "diva_factor_config" in ckpt:
         save_factor_encoders(
             partial / "factor_encoders", model.encoders, ckpt["diva_factor_config"], model.injection
         )
+    record = {"run_config": str(run_config), "checkpoint": str(checkpoint), "use_ema": use_ema}
+    (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     print(f"backbone written to {out}")

@@ -3,6 +3,8 @@ export over another folder, each refused with the option named before any work i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -66,7 +68,9 @@ def test_export_refuses_an_out_that_is_a_file_or_holds_files_before_loading(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_export_writes_through_a_partial_folder_and_overwrite_replaces(tmp_path, monkeypatch):
+def test_export_writes_through_a_partial_folder_and_overwrite_replaces_only_an_export(
+    tmp_path, monkeypatch
+):
     import diva_lightning.export as export_module
 
     class Backbone:
@@ -79,9 +83,15 @@ def test_export_writes_through_a_partial_folder_and_overwrite_replaces(tmp_path,
     monkeypatch.setattr(export_module, "load_trained_model", lambda *a: (model, {}))
     out = tmp_path / "out"
     out.mkdir()
+    (out / "notes.txt").write_text("not an export")
+    with pytest.raises(ValueError, match="not an earlier export"):  # --overwrite never deletes it
+        export_module.export(run_config="c.yaml", checkpoint="x.ckpt", out=out, overwrite=True)
+    (out / "notes.txt").unlink()
+    export_module.export(run_config="c.yaml", checkpoint="x.ckpt", out=out)  # empty: allowed
     (out / "stale.bin").write_text("old")
     export_module.export(run_config="c.yaml", checkpoint="x.ckpt", out=out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors"]
+    assert json.loads((out / "export.json").read_text())["checkpoint"] == "x.ckpt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
