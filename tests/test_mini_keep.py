@@ -1,5 +1,6 @@
-"""DIVA-mini's artifacts survive a new checkout: ``keep save`` copies the base and the finished
-runs' small files into the repository, ``keep restore`` puts them back without overwriting."""
+"""DIVA-mini's artifacts survive a new checkout: ``keep save`` copies the base's and the finished
+runs' small files into the repository with the hashes of their weights, ``keep restore`` puts
+them back without overwriting."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_path):
+def test_save_keeps_records_and_weight_hashes_but_no_weights_and_restore_puts_them_back(
+    tmp_path, capsys
+):
     runs, kept = tmp_path / "runs", tmp_path / "kept"
     base = runs / "base-abc"
     for name in ("config.json", "tokenizer.pt", "base/model/model.safetensors",
@@ -39,28 +42,33 @@ def test_save_keeps_the_base_and_finished_runs_and_restore_puts_them_back(tmp_pa
     write(stage1 / "seed0/overrides.json")
     write(stage1 / "seed0/logs/events")  # logs stay behind
     write(stage1 / "seed1.partial/stage1_encoders/factors.json")  # interrupted: not kept
-    assert save(runs, kept) == 10
+    assert save(runs, kept) == 9
     assert files(kept) == {
-        "base-abc/config.json", "base-abc/tokenizer.pt", "base-abc/base/model/model.safetensors",
+        "base-abc/config.json", "base-abc/tokenizer.pt",  # not the base's weights (8 MB)
         "base-abc/base/analysis/divergence.json", "base-abc/base/probes.json",
         "base-abc/stage1-v2/stage1-1234/seed0/stage1_encoders/factors.json",
         "base-abc/stage1-v2/stage1-1234/seed0/overrides.json",
         "v2/final/Base_SFT/seed0/record.json", "v2/final/Base_SFT/seed0/samples.pt",
         "v2/final/Base_SFT/seed0/gradient_balance.json", "weights.sha256",
     }  # fmt: skip
-    weights = "v2/final/Base_SFT/seed0/model/w.safetensors"  # not kept: its hash is
+    base_weights = "base-abc/base/model/model.safetensors"  # not kept: their hashes are
+    weights = "v2/final/Base_SFT/seed0/model/w.safetensors"
     digest = hashlib.sha256(b"x").hexdigest()
-    assert (kept / "weights.sha256").read_text() == f"{digest}  {weights}\n"
+    manifest = f"{digest}  {base_weights}\n{digest}  {weights}\n"
+    assert (kept / "weights.sha256").read_text() == manifest
     check = subprocess.run(["sha256sum", "-c", kept / "weights.sha256"], cwd=runs)
     assert check.returncode == 0  # the format sha256sum checks a rebuilt run against
     kept_samples = kept / "v2/final/Base_SFT/seed0/samples.pt"
     torch.testing.assert_close(torch.load(kept_samples), images[:4])
     assert kept_samples.stat().st_size < (done / "samples.pt").stat().st_size / 8
     fresh = tmp_path / "fresh"
-    assert restore(kept, fresh) == 10 and files(fresh) == files(kept) - {"weights.sha256"}
+    base_records = {"base-abc/base/analysis/divergence.json", "base-abc/base/probes.json"}
+    assert restore(kept, fresh) == 7  # not the base's records: they would pass for a cached base
+    assert files(fresh) == files(kept) - {"weights.sha256"} - base_records
+    assert "benchmarks.mini.base --mode v2" in capsys.readouterr().out  # how to rebuild it
     write(fresh / "v2/final/Base_SFT/seed0/record.json", "newer")
     (fresh / "base-abc/tokenizer.pt").unlink()
     assert restore(kept, fresh) == 1  # only the missing file; the newer record stays
     assert (fresh / "v2/final/Base_SFT/seed0/record.json").read_text() == "newer"
-    assert save(fresh, kept) == 10  # no weights in `fresh`: their recorded hash stays
-    assert weights in (kept / "weights.sha256").read_text()
+    assert save(fresh, kept) == 5  # no base and no weights in `fresh`: the hashes stay
+    assert (kept / "weights.sha256").read_text() == manifest

@@ -4,20 +4,21 @@
     python -m benchmarks.mini.keep restore   # docs/mini/v2/kept -> runs/mini
 
 ``runs/`` is not versioned, and a new checkout starts without it: the final phase's records
-and the base it post-trains (80 minutes to rebuild on 2 cores) would be lost between sessions.
-``save`` copies what the report and a resumed phase need: the base's tokenizer, weights,
-analysis, curves and probes, each finished stage-1 run's encoders (shared by the DIVA arms of
-its seed), and each finished run's ``record.json``, ``gradient_balance.json`` and
-``samples.pt`` (re-saved compact: the run's file is a view that drags the storage of all its
-generated images, 6.8 MB instead of 0.2 MB). It leaves out the shards (217 MB, rebuilt from the
-tokenizer in a minute) and the post-trained models (7.7 MB a run, 300 MB for the final phase);
-of the models it records the SHA-256 in ``weights.sha256`` (``sha256sum`` format, paths under
-``runs/mini``), so that a run rebuilt from the kept base and the protocol's commit is checked
+would be lost between sessions. ``save`` copies what the report and a resumed phase need: the
+base's tokenizer, analysis, curves and probes, each finished stage-1 run's encoders (shared by
+the DIVA arms of its seed), and each finished run's ``record.json``, ``gradient_balance.json``
+and ``samples.pt`` (re-saved compact: the run's file is a view that drags the storage of all
+its generated images, 6.8 MB instead of 0.2 MB). It leaves out the shards (217 MB, rebuilt
+from the tokenizer in a minute) and all model weights: the base's (8 MB) and the post-trained
+runs' (7.7 MB a run). Of the weights it records the SHA-256 in ``weights.sha256``
+(``sha256sum`` format, paths under ``runs/mini``), so that a rebuilt base or run is checked
 bit for bit: ``cd runs/mini && sha256sum -c ../../docs/mini/v2/kept/weights.sha256``.
 
 ``restore`` copies the kept files back without overwriting anything already there, so the
-protocol reuses the base (its cache is keyed by the settings' hash) and skips every finished
-run.
+protocol skips every finished run. It leaves out the base's own records (``base-*/base/``):
+without its weights the protocol would take that folder for a cached base. The base is rebuilt
+by ``python -m benchmarks.mini.base --mode v2 --probe-every 1000`` (80 minutes on 2 cores, from
+the protocol's commit), which writes those records again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 KEPT = Path("docs/mini/v2/kept")
-BASE_FILES = ("config.json", "tokenizer.pt", "base/model", "base/analysis/divergence.json",
+BASE_FILES = ("config.json", "tokenizer.pt", "base/analysis/divergence.json",
               "base/facts.json", "base/plateau.json", "base/probes.json", "base/logs/metrics.csv")  # fmt: skip
 STAGE1_FILES = ("stage1_encoders", "overrides.json")  # shared by the DIVA arms of a seed
 RUN_FILES = ("record.json", "gradient_balance.json", "samples.pt")
@@ -77,13 +78,15 @@ def save(runs: Path, kept: Path) -> int:
 
 
 def write_manifest(runs: Path, path: Path, mode: str = "v2") -> None:
-    """Adds the SHA-256 of every finished run's weights to ``path`` (entries of runs whose
-    weights are gone, as after a ``restore``, are kept as they were)."""
+    """Adds the SHA-256 of the base's and every finished run's weights to ``path`` (entries
+    whose weights are gone, as after a ``restore``, are kept as they were)."""
     entries = {}
     if path.exists():
         entries = dict(reversed(line.split("  ", 1)) for line in path.read_text().splitlines())
-    for record in sorted((runs / mode).glob("*/*/seed*/record.json")):
-        for weights in sorted((record.parent / "model").rglob("*.safetensors")):
+    models = [r.parent / "model" for r in sorted((runs / mode).glob("*/*/seed*/record.json"))]
+    models += sorted(runs.glob("base-*/base/model"))
+    for model in models:
+        for weights in sorted(model.rglob("*.safetensors")):
             digest = hashlib.sha256(weights.read_bytes()).hexdigest()
             entries[str(weights.relative_to(runs))] = digest
     if entries:
@@ -96,6 +99,12 @@ def write_manifest(runs: Path, path: Path, mode: str = "v2") -> None:
 def restore(kept: Path, runs: Path) -> int:
     """Copies kept files back, never over a file that is there -> the number copied."""
     files = [p for p in sorted(kept.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    base_records = [p for p in files if p.relative_to(kept).parts[1:2] == ("base",)]
+    if base_records:
+        print("the base's weights are not kept: rebuild the base with `python -m "
+              "benchmarks.mini.base --mode v2 --probe-every 1000` (its records are in "
+              f"{kept}; the rebuild writes them again)")  # fmt: skip
+    files = [p for p in files if p not in base_records]
     return sum(_copy(p, runs / p.relative_to(kept), overwrite=False) for p in files)
 
 
