@@ -135,7 +135,8 @@ def export(
             raise ValueError(f"export: --out {out} holds files but no {EXPORT_RECORD}: it is not "
                              "an earlier export, so --overwrite does not replace it")  # fmt: skip
     model, ckpt = load_trained_model(run_config, checkpoint, use_ema)
-    partial = out.resolve().with_name(out.resolve().name + ".partial")
+    target = out.resolve()  # "." has no name of its own to put ".partial" after
+    partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # an earlier export that did not finish
     model.backbone.save_pretrained(partial)
     if "diva_factor_config" in ckpt:

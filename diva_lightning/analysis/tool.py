@@ -21,6 +21,7 @@ import torch
 from diva_lightning.analysis.divergence import divergence_curves
 from diva_lightning.analysis.plots import plot_divergence, summary_text
 from diva_lightning.backbones.base import BackboneAdapter
+from diva_lightning.sizes import check_sizes
 
 
 def _backbone(backbone, run_config, checkpoint) -> BackboneAdapter:
@@ -107,9 +108,7 @@ def analyze(
         check_tokenizer: refuse shard codes written by another image tokenizer (see
             ``DualFlowDataModule``).
     """
-    for name, value in (("--samples", samples), ("--batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"analyze: {name} must be >= 1, got {value}")
+    check_sizes("analyze", **{"--samples": samples, "--batch_size": batch_size})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = _backbone(backbone, run_config, checkpoint)

@@ -36,6 +36,7 @@ from diva_lightning.data.shards import (
     resolve_shards,
 )
 from diva_lightning.data.skips import SkipCounter
+from diva_lightning.sizes import check_sizes
 
 DEFAULT_PROMPTS = ["Please describe this image in detail."]
 # Lightning warns that an IterableDataset with __len__ may duplicate data across workers; ours
@@ -132,14 +133,10 @@ class DualFlowDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_mask_config(mask_ratio_min, mask_ratio_max, mask_pattern)
-        sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size,
-                 "synthetic_val_samples": synthetic_val_samples,
-                 "synthetic_shard_size": synthetic_shard_size}  # fmt: skip
-        for name, value in sizes.items():  # a negative batch once hung while filling memory
-            if value is not None and value < 1:
-                raise ValueError(f"DualFlowDataModule: {name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"DualFlowDataModule: num_workers must be >= 0, got {num_workers}")
+        check_sizes("DualFlowDataModule", batch_size=batch_size, val_batch_size=val_batch_size,
+                    synthetic_val_samples=synthetic_val_samples,
+                    synthetic_shard_size=synthetic_shard_size)  # fmt: skip
+        check_sizes("DualFlowDataModule", minimum=0, num_workers=num_workers)
         # an explicit frame: Lightning's own currentframe() lookup forms a frame cycle that keeps the
         # caller's locals (loaders with live workers) alive until the cyclic GC runs
         self.save_hyperparameters(frame=inspect.currentframe())

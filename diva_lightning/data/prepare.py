@@ -39,6 +39,7 @@ from diva_lightning.data.shapes import ShapesWorld
 from diva_lightning.data.shapes_v2 import ShapesWorldV2
 from diva_lightning.data.skips import SkipCounter
 from diva_lightning.data.sources import SourceItem, folder_items, synthetic_items
+from diva_lightning.sizes import check_sizes
 
 PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 
@@ -192,9 +193,7 @@ def prepare(
     """
     sizes = {"--synthetic": synthetic, "--max_count": max_count, "--batch_size": batch_size,
              "--synthetic_image_size": synthetic_image_size}  # fmt: skip
-    for name, value in sizes.items():  # before the output folder is made
-        if value is not None and value < 1:
-            raise ValueError(f"prepare: {name} must be >= 1, got {value}")
+    check_sizes("prepare", **sizes)  # before the output folder is made
     synthetic = synthetic or 0
     if backbone is not None and getattr(backbone, "continuous_targets", False):
         raise ValueError(f"prepare: --backbone {type(backbone).__name__} regresses image embeddings "

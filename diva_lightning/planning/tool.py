@@ -21,6 +21,7 @@ import yaml
 
 from diva_lightning.planning.memory import GIB, MemoryPlan, RunSpec, plan_memory
 from diva_lightning.planning.shapes import PUBLISHED, ModelShape, from_adapter, published_shape
+from diva_lightning.sizes import check_sizes
 
 STAGES = {"SFT": "sft", "Stage1": "stage1", "Stage2": "stage2"}
 
@@ -158,9 +159,7 @@ def plan(
         image_tokens: override the image tokens per sample (another resolution).
         micro_batch: override ``data.init_args.batch_size``.
     """
-    for name, value in (("--micro_batch", micro_batch), ("--image_tokens", image_tokens)):
-        if value is not None and value < 1:
-            raise ValueError(f"plan: {name} must be >= 1, got {value}")
+    check_sizes("plan", **{"--micro_batch": micro_batch, "--image_tokens": image_tokens})
     if gpu_memory_gb <= 0:
         raise ValueError(f"plan: --gpu_memory_gb must be > 0, got {gpu_memory_gb}")
     composed = read_configs(config)
